@@ -1,0 +1,49 @@
+"""backfill: online, batched, resumable data migrations over a live database."""
+
+from backfill.batch import OnError
+from backfill.definition import DELETE, Keep, Migration, Migrations, Prerequisite, Row
+from backfill.errors import (
+    BackfillError,
+    BadValue,
+    ConfigError,
+    DatabaseUnavailable,
+    GateClosed,
+    LeaseHeld,
+    LeaseLost,
+    Refused,
+    RowFailed,
+    SchemaMismatch,
+    UnknownMigration,
+)
+from backfill.progress import MigrationStatus
+from backfill.runner import DryRun, Runner, RunResult, Verification
+from backfill.state import State
+from backfill.store.scan import MalformedJSON
+
+__all__ = [
+    "DELETE",
+    "BackfillError",
+    "BadValue",
+    "ConfigError",
+    "DatabaseUnavailable",
+    "DryRun",
+    "GateClosed",
+    "Keep",
+    "LeaseHeld",
+    "LeaseLost",
+    "MalformedJSON",
+    "Migration",
+    "MigrationStatus",
+    "Migrations",
+    "OnError",
+    "Prerequisite",
+    "Refused",
+    "Row",
+    "RowFailed",
+    "RunResult",
+    "Runner",
+    "SchemaMismatch",
+    "State",
+    "UnknownMigration",
+    "Verification",
+]

@@ -1,0 +1,343 @@
+"""The commands of the contract, each a few lines over the Runner."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import click
+import sqlalchemy as sa
+
+from backfill.batch import OnError
+from backfill.cli import render
+from backfill.cli.options import current, global_options
+from backfill.errors import Refused
+from backfill.runner import RunResult
+from backfill.state import State
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not match or (not match.group(2) and float(match.group(1)) != 0):
+            self.fail(f"{value!r} is not a duration like 7d, 36h, 90m or 0", param, ctx)
+        return timedelta(seconds=float(match.group(1)) * _UNITS.get(match.group(2) or "s", 1))
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _confirm(question: str, yes: bool, refusal: str) -> None:
+    if yes:
+        return
+    if not _interactive():
+        raise Refused(refusal)
+    if not click.confirm(question, default=False, err=True):
+        raise Refused("not confirmed; nothing was changed")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+def cli() -> None:
+    """Online, batched, resumable data migrations over a live database."""
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--watch", is_flag=True, help="Redraw until interrupted.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True)
+@global_options
+def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
+    """State and progress of each migration (every defined one when no name)."""
+    g = current()
+    runner = g.runner()
+    if g.json:
+        while True:
+            report = runner.status(names)
+            render.print_json({name: s.to_json() for name, s in report.items()})
+            if not watch:
+                return
+            time.sleep(interval)
+    if not watch:
+        report = runner.status(names)
+        render.out.print(render.status_table(report))
+        for line in render.status_details(report):
+            render.out.print(line)
+        return
+    from rich.live import Live
+
+    try:
+        with Live(
+            render.status_table(runner.status(names)), console=render.out, auto_refresh=False
+        ) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render.status_table(runner.status(names)), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per batch (transaction).")
+@click.option("--dry-run", is_flag=True, help="Run the first batch, show samples, save nothing.")
+@click.option("--dry-run-batches", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--restart", is_flag=True, help="Start over even after success (zeroes counters).")
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="Stop at a bad row, or record it and go on.",
+)
+@click.option("--min-age", type=Duration(), help="Override a prerequisite's wait (7d, 36h, 0).")
+@click.option("--force", is_flag=True, help="Skip the prerequisite gate (asks in prod).")
+@click.option(
+    "--pause",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Seconds to sleep between batches, to spare a busy database.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask before running in prod.")
+@global_options
+def run(
+    names: tuple[str, ...],
+    batch_size: int | None,
+    dry_run: bool,
+    dry_run_batches: int,
+    restart: bool,
+    on_error: str,
+    min_age: timedelta | None,
+    force: bool,
+    pause: float,
+    yes: bool,
+) -> int:
+    """Run the named migrations one after another, each resuming from its cursor."""
+    g = current()
+    runner = g.runner()
+    for name in names:
+        runner.migrations[name]  # unknown names are refused before anything runs
+    settings = g.settings
+    if settings.is_production and not dry_run:
+        _confirm(
+            f"Run {', '.join(names)} on {settings.environment} ({runner.db.display_url})?",
+            yes,
+            "running in prod needs confirmation: pass --yes or run from a terminal",
+        )
+    if force and settings.is_production:
+        if not _interactive():
+            raise Refused(
+                "--force in prod must be confirmed by typing the environment name at a terminal"
+            )
+        typed = click.prompt(f"Type {settings.environment!r} to skip the safety gate", err=True)
+        if typed != settings.environment:
+            raise Refused("environment name not confirmed; nothing was run")
+    started = time.monotonic()
+    with render.RunProgress() as progress:
+        results = runner.run(
+            names,
+            batch_size=batch_size,
+            dry_run=dry_run,
+            dry_run_batches=dry_run_batches,
+            restart=restart,
+            on_error=OnError(on_error),
+            min_age=min_age,
+            force=force,
+            pause=pause,
+            listener=None if g.json else progress,
+        )
+    _report(results, g.json, started)
+    return _exit_code(results)
+
+
+def _report(results: list[RunResult], as_json: bool, started: float) -> None:
+    if as_json:
+        document: dict[str, Any] = {}
+        for result in results:
+            document[result.name] = result.status.to_json()
+            if result.dry_run is not None:
+                d = result.dry_run
+                document[result.name]["dry_run"] = {
+                    "batches": d.batches,
+                    "rows": d.rows,
+                    "would_change": d.would_change,
+                    "would_skip": d.would_skip,
+                    "would_keep": d.would_keep,
+                    "samples": [
+                        {
+                            "row_id": list(s.key) if len(s.key) > 1 else s.key[0],
+                            "before": s.before,
+                            "after": s.after,
+                        }
+                        for s in d.samples
+                    ],
+                }
+        render.print_json(document)
+        return
+    for result in results:
+        s = result.status
+        if result.dry_run is not None:
+            render.dry_run_report(result.dry_run)
+        elif result.already_done:
+            render.out.print(
+                f"{result.name}: already succeeded; nothing to do (use --restart to run it again)"
+            )
+        else:
+            render.out.print(
+                f"{result.name}: {s.state} — {s.processed:,} processed, {s.changed:,} changed, "
+                f"{s.skipped_errors:,} skipped, {s.kept:,} kept "
+                f"({render.elapsed_since(started)})"
+            )
+            if s.skipped_errors or s.kept:
+                render.out.print(f"  see `backfill verify {result.name}` for the rows left")
+        if result.error is not None:
+            render.err.print(f"backfill: {result.error}", soft_wrap=True)
+            render.err.print(
+                f"  fix the row, then `backfill run {result.name}` resumes at "
+                "this batch (or use --on-error skip)"
+            )
+        if s.state is State.CANCELED:
+            render.err.print(f"{result.name}: canceled; `backfill run {result.name}` resumes")
+
+
+def _exit_code(results: list[RunResult]) -> int:
+    states = {r.state for r in results}
+    if State.FAILED in states or any(r.error for r in results):
+        return 1
+    if State.CANCELED in states:
+        return 3
+    return 0
+
+
+@cli.command()
+@click.argument("name")
+@global_options
+def cancel(name: str) -> None:
+    """Ask a live run to stop after its current batch."""
+    runner = current().runner()
+    if runner.cancel(name):
+        render.out.print(f"{name}: cancel requested; the runner stops after its current batch")
+    else:
+        render.out.print(f"{name}: no live run; nothing changed")
+
+
+@cli.command()
+@click.argument("name")
+@global_options
+def count(name: str) -> None:
+    """How many rows the migration would still change (read-only)."""
+    g = current()
+    found = g.runner().count(name)
+    if g.json:
+        render.print_json({name: {"remaining": found.remaining, "raising": found.raising}})
+    else:
+        render.out.print(
+            f"{name}: {found.remaining:,} rows left to change"
+            + (f", {found.raising:,} rows it raises on" if found.raising else "")
+        )
+
+
+@cli.command()
+@click.argument("name")
+@global_options
+def verify(name: str) -> int:
+    """Full read-only scan: rows still to change and rows the migration raises on."""
+    g = current()
+    runner = g.runner()
+    found = runner.verify(name)
+    if g.json:
+        render.print_json({name: found.to_json()})
+    else:
+        render.out.print(
+            f"{name}: {found.remaining:,} rows left, {found.raising:,} raising, {found.kept:,} kept"
+        )
+        for label, ids in (
+            ("left", found.sample_ids),
+            ("raising", found.raising_ids),
+            ("kept", found.kept_ids),
+        ):
+            if ids:
+                render.out.print(f"  {label}: {', '.join(map(repr, ids))}", soft_wrap=True)
+        for row in runner.skipped_rows(name, limit=5):
+            field = f", field {row['field']!r}" if row["field"] else ""
+            render.out.print(
+                f"  skipped row {row['row_id']!r}{field}: {row['message']}", soft_wrap=True
+            )
+    return 0 if found.clean else 1
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@global_options
+def reset(name: str, yes: bool) -> None:
+    """Forget progress so the next run starts from the beginning."""
+    runner = current().runner()
+    runner.migrations[name]
+    _confirm(
+        f"Forget all progress of {name}?",
+        yes,
+        "reset needs confirmation: pass --yes or run from a terminal",
+    )
+    runner.reset(name)
+    render.out.print(f"{name}: reset; the next run starts from the beginning")
+
+
+@cli.command()
+@click.option(
+    "--messages",
+    "count_",
+    type=click.IntRange(min=0),
+    default=100_000,
+    show_default=True,
+    help="How many legacy messages to create.",
+)
+@click.option("--seed-only", is_flag=True, help="Create the messages, do not migrate.")
+@click.option("--yes", is_flag=True, help="Replace an existing messages table without asking.")
+@global_options
+def demo(count_: int, seed_only: bool, yes: bool) -> int:
+    """Create realistic legacy chat messages, then migrate them with a progress bar."""
+    from chat_migrations import migrations
+    from chat_migrations.generator import seed_messages
+
+    g = current()
+    if g.settings.is_production:
+        raise Refused("demo refuses the prod environment")
+    runner = g.runner(migrations)
+    engine = runner.db.engine
+    with runner.db.unavailable_as_error():
+        exists = sa.inspect(engine).has_table("messages")
+    if exists:
+        _confirm(
+            f"Replace the messages table in {runner.db.display_url}?",
+            yes,
+            "a messages table already exists; pass --yes to replace it",
+        )
+    with (
+        render.err.status(f"Creating {count_:,} legacy messages…"),
+        runner.db.unavailable_as_error(),
+    ):
+        seed_messages(engine, count_)
+        for name in migrations.names():
+            runner.reset(name)  # progress recorded against the old table means nothing now
+    render.err.print(f"Created {count_:,} legacy messages in {runner.db.display_url}")
+    if seed_only:
+        return 0
+    started = time.monotonic()
+    with render.RunProgress() as progress:
+        results = runner.run(["body_to_parts"], listener=progress)
+    _report(results, False, started)
+    render.out.print(render.status_table(runner.status()))
+    return _exit_code(results)

@@ -1,0 +1,117 @@
+"""Global options, accepted both before and after the command name, and what they resolve to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, TypeVar
+
+import click
+
+from backfill import config
+from backfill.definition import Migrations
+from backfill.errors import ConfigError
+from backfill.runner import Runner
+
+F = TypeVar("F", bound=Callable[..., Any])
+# The global options of the invocation in progress; `main` clears it before each invocation.
+_given: dict[str, Any] = {}
+
+
+def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value not in (None, False):
+            _given[name] = value
+        return value
+
+    return callback
+
+
+_GLOBALS = [
+    click.option(
+        "--app",
+        callback=_remember("app"),
+        expose_value=False,
+        help="The registry of migrations, as module:attribute.",
+    ),
+    click.option(
+        "--database-url",
+        callback=_remember("database_url"),
+        expose_value=False,
+        help="SQLAlchemy URL of the database to migrate.",
+    ),
+    click.option(
+        "--env",
+        callback=_remember("env"),
+        expose_value=False,
+        help="Environment from [tool.backfill.environments] (default dev).",
+    ),
+    click.option(
+        "--prod",
+        is_flag=True,
+        callback=_remember("prod"),
+        expose_value=False,
+        help="Same as --env prod.",
+    ),
+    click.option(
+        "--debug",
+        is_flag=True,
+        callback=_remember("debug"),
+        expose_value=False,
+        help="Show tracebacks.",
+    ),
+    click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_remember("json"),
+        expose_value=False,
+        help="One JSON document on stdout.",
+    ),
+]
+
+
+def global_options(function: F) -> F:
+    for option in reversed(_GLOBALS):
+        function = option(function)
+    return function
+
+
+@dataclass
+class Globals:
+    values: dict[str, Any]
+
+    @property
+    def json(self) -> bool:
+        return bool(self.values.get("json"))
+
+    @property
+    def debug(self) -> bool:
+        return bool(self.values.get("debug"))
+
+    @cached_property
+    def settings(self) -> config.Settings:
+        env = "prod" if self.values.get("prod") else self.values.get("env")
+        return config.resolve(
+            app=self.values.get("app"),
+            database_url=self.values.get("database_url"),
+            environment=env,
+        )
+
+    def migrations(self) -> Migrations:
+        app = config.load_app(self.settings.app)
+        if not isinstance(app, Migrations):
+            raise ConfigError(f"app {self.settings.app!r} is not a backfill Migrations registry")
+        return app
+
+    def runner(self, migrations: Migrations | None = None) -> Runner:
+        return Runner(self.settings.database_url, migrations or self.migrations())
+
+
+def current() -> Globals:
+    return Globals(_given)
+
+
+def forget() -> None:
+    _given.clear()

@@ -1,0 +1,187 @@
+"""How results look on a terminal: status tables, the progress bar, dry-run samples.
+
+Progress and messages go to stderr; stdout carries results (and nothing but JSON under --json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from backfill.pacing import Ticker
+from backfill.progress import MigrationStatus, iso
+from backfill.runner import DryRun
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _number(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    )
+
+
+_STATE_STYLE = {
+    "success": "green",
+    "failed": "red",
+    "inProgress": "cyan",
+    "interrupted": "yellow",
+    "canceled": "yellow",
+    "pending": "dim",
+}
+
+
+def status_table(report: Mapping[str, MigrationStatus]) -> Table:
+    table = Table(title=None, show_lines=False)
+    for header in (
+        "migration",
+        "state",
+        "processed / total",
+        "changed",
+        "skipped",
+        "rows/s",
+        "ETA",
+        "updated (UTC)",
+    ):
+        table.add_column(header)
+    for name, status in report.items():
+        total = status.total
+        share = f" ({100 * status.processed / total:.0f}%)" if total else ""
+        rate = status.rows_per_second
+        state = str(status.state)
+        table.add_row(
+            name,
+            f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
+            f"{_number(status.processed)} / {_number(total)}{share}",
+            _number(status.changed),
+            _number(status.skipped_errors),
+            "—" if rate is None else f"{rate:,.0f}",
+            _duration(status.eta_seconds),
+            (iso(status.updated_at) or "—").replace("T", " ").rstrip("Z"),
+        )
+    return table
+
+
+def status_details(report: Mapping[str, MigrationStatus]) -> list[str]:
+    lines = []
+    for name, status in report.items():
+        if status.runner is not None:
+            lines.append(f"{name}: runner host {status.runner.host}, pid {status.runner.pid}")
+        if status.error is not None:
+            where = f"row {status.error.row_id!r}"
+            if status.error.field:
+                where += f", field {status.error.field!r}"
+            lines.append(f"{name}: failed on {where}: {status.error.message}")
+    return lines
+
+
+class RunProgress:
+    """A Rich bar on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, console: Console = err, interval: float = 2.0) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self.ticker = Ticker(interval)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RunProgress:
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.live:
+            self.progress.stop()
+
+    def __call__(self, status: MigrationStatus) -> None:
+        rate = status.rows_per_second
+        if self.live:
+            if status.name not in self.tasks:
+                self.tasks[status.name] = self.progress.add_task(
+                    status.name, total=status.total, completed=status.processed, rate="—"
+                )
+            self.progress.update(
+                self.tasks[status.name],
+                completed=status.processed,
+                total=max(status.total or 0, status.processed),
+                rate="—" if rate is None else f"{rate:,.0f}",
+            )
+        elif self.ticker.due():
+            total = status.total or 0
+            share = f" ({100 * status.processed / total:.1f}%)" if total else ""
+            self.console.print(
+                f"{status.name}: {status.processed:,}/{total:,} rows{share}, "
+                f"{0 if rate is None else rate:,.0f} rows/s, "
+                f"ETA {_duration(status.eta_seconds)}",
+                soft_wrap=True,
+            )
+
+
+def dry_run_report(report: DryRun) -> None:
+    out.print(
+        f"[bold]{report.name}[/] dry run: {report.batches} batch(es), {report.rows:,} rows "
+        f"read, {report.would_change:,} would change, {report.would_skip:,} would be "
+        f"skipped, {report.would_keep:,} kept. Nothing was saved."
+    )
+    for sample in report.samples:
+        out.print(f"  row {sample.key[0] if len(sample.key) == 1 else list(sample.key)!r}:")
+        for field, after in sample.after.items():
+            out.print(
+                f"    {field}: {_short(sample.before.get(field))} → {_short(after)}", soft_wrap=True
+            )
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def elapsed_since(start: float) -> str:
+    return _duration(time.monotonic() - start)

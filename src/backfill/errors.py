@@ -1,0 +1,87 @@
+"""The errors backfill raises, each carrying the exit code the CLI maps it to.
+
+    BackfillError                  exit 2 unless stated
+     ├── Refused                   exit 2: the request cannot be carried out as asked
+     │    ├── UnknownMigration     no migration of that name
+     │    ├── SchemaMismatch       table or column missing, scan changed under a half-done run
+     │    ├── GateClosed           a prerequisite does not hold (cleanup too early)
+     │    ├── LeaseHeld            a live runner holds the migration
+     │    └── ConfigError          app, environment or URL cannot be resolved
+     ├── LeaseLost                 exit 2: this runner was taken over; nothing more was committed
+     ├── RowFailed                 exit 1: the migration raised on a row (batch rolled back)
+     └── DatabaseUnavailable       exit 4: unreachable, or an error that is not about a row
+
+`BadValue` is not a BackfillError: migration functions raise it to name the field at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BackfillError(Exception):
+    exit_code = 2
+
+
+class Refused(BackfillError):
+    exit_code = 2
+
+
+class UnknownMigration(Refused):
+    pass
+
+
+class SchemaMismatch(Refused):
+    pass
+
+
+class GateClosed(Refused):
+    pass
+
+
+class ConfigError(Refused):
+    pass
+
+
+class LeaseHeld(Refused):
+    def __init__(self, migration: str, host: str | None, pid: int | None) -> None:
+        super().__init__(
+            f"migration {migration!r} is being run by a live runner (host {host}, pid {pid}); "
+            "wait for it, or stop it with `backfill cancel`"
+        )
+        self.host = host
+        self.pid = pid
+
+
+class LeaseLost(BackfillError):
+    exit_code = 2
+
+
+class DatabaseUnavailable(BackfillError):
+    exit_code = 4
+
+
+class RowFailed(BackfillError):
+    """The migration function raised on one row; carries what the status shows."""
+
+    exit_code = 1
+
+    def __init__(
+        self, migration: str, row_id: Any, field: str | None, message: str, error_type: str
+    ) -> None:
+        where = f"row {row_id!r}" + (f", field {field!r}" if field else "")
+        super().__init__(f"migration {migration!r} failed on {where}: {message}")
+        self.migration = migration
+        self.row_id = row_id
+        self.field = field
+        self.message = message
+        self.error_type = error_type
+
+
+class BadValue(ValueError):
+    """Raised by a migration function when a field holds a value it cannot accept."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason

@@ -1,0 +1,180 @@
+"""Ownership of a migration by one runner: claim, heartbeat and release, with a generation number.
+
+A runner owns a migration while its generation is the stored one. Taking over a dead runner's
+migration bumps the generation, so every later commit of the old runner (which compares its
+generation in the same transaction) is refused: a revived zombie can write nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from backfill import state as machine
+from backfill.errors import LeaseHeld
+from backfill.pacing import Clock
+from backfill.state import State
+from backfill.store import records
+from backfill.store.database import Database
+from backfill.store.records import Record
+
+DEFAULT_LEASE_SECONDS = 30.0
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("BACKFILL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+
+
+@dataclass(frozen=True)
+class Identity:
+    host: str
+    pid: int
+
+    @classmethod
+    def current(cls) -> Identity:
+        return cls(socket.gethostname(), os.getpid())
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed process its parent has not reaped yet still answers kill(0): look at /proc.
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def observed_state(record: Record | None, now: float, lease: float, here: Identity) -> State:
+    """The state as people see it: a stored inProgress whose runner is gone is interrupted."""
+    if record is None:
+        return State.PENDING
+    stored = record.state
+    if stored is not State.IN_PROGRESS:
+        return stored
+    heartbeat = record["heartbeat_at"]
+    if heartbeat is None or now - heartbeat > lease:
+        return State.INTERRUPTED
+    if record["runner_host"] == here.host and not process_alive(record["runner_pid"]):
+        return State.INTERRUPTED
+    return State.IN_PROGRESS
+
+
+def refuse_if_live(name: str, record: Record | None, observed: State) -> None:
+    if observed is State.IN_PROGRESS and record is not None:
+        raise LeaseHeld(name, record["runner_host"], record["runner_pid"])
+
+
+def enter(
+    db: Database,
+    name: str,
+    *,
+    now: float,
+    lease: float,
+    me: Identity,
+    restart: bool,
+    scan: str,
+    total: int | None,
+    batch_size: int,
+) -> tuple[int, Record] | None:
+    """Claim the migration for this runner. None when it already succeeded and no restart."""
+    with db.write() as conn:
+        record = records.load(conn, name) or records.create(conn, name)
+        observed = observed_state(record, now, lease, me)
+        refuse_if_live(name, record, observed)
+        if observed is State.SUCCESS and not restart:
+            return None
+        machine.check(observed, State.IN_PROGRESS)
+        fresh = restart or observed is State.PENDING or record.cursor is None
+        values: dict[str, object] = {}
+        if fresh:
+            records.forget_skipped(conn, name)
+            values.update(
+                cursor=None, processed=0, changed=0, skipped_errors=0, kept=0, started_at=now
+            )
+        processed = 0 if fresh else record["processed"]
+        generation = record.generation + 1
+        values.update(
+            state=str(State.IN_PROGRESS),
+            scan=scan,
+            generation=generation,
+            runner_host=me.host,
+            runner_pid=me.pid,
+            heartbeat_at=now,
+            updated_at=now,
+            run_started_at=now,
+            run_processed_start=processed,
+            finished_at=None,
+            cancel_requested=False,
+            error_message=None,
+            error_type=None,
+            error_row_id=None,
+            error_field=None,
+            total=total,
+            batch_size=batch_size,
+        )
+        records.update(conn, name, record.generation, **values)
+        claimed = records.load(conn, name)
+        assert claimed is not None
+        return generation, claimed
+
+
+def leave(
+    db: Database, name: str, generation: int, target: State, now: float, **values: object
+) -> bool:
+    """Record the end of a run (success, failed, canceled), if this runner still owns it."""
+    machine.check(State.IN_PROGRESS, target)
+    with db.write() as conn:
+        return records.update(
+            conn,
+            name,
+            generation,
+            state=str(target),
+            finished_at=now,
+            updated_at=now,
+            heartbeat_at=None,
+            **values,
+        )
+
+
+class Heartbeat:
+    """Beats in a background thread so a slow batch or a pause never looks like a dead runner."""
+
+    def __init__(
+        self, db: Database, name: str, generation: int, interval: float, clock: Clock
+    ) -> None:
+        self._db, self._name, self._generation = db, name, generation
+        self._interval = interval
+        self._clock = clock
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                with self._db.write() as conn:
+                    owned = records.update(
+                        conn, self._name, self._generation, heartbeat_at=self._clock()
+                    )
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease absorbs it
+                continue
+            if not owned:
+                self.lost.set()
+                return

@@ -1,0 +1,523 @@
+"""The Runner: run, status, cancel, count, verify and reset migrations against one database.
+
+This is the Python API the CLI and the tests share. It returns values and emits progress events;
+it prints nothing and knows nothing of Rich or click.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from backfill import lease as leases
+from backfill.batch import OnError, Outcome, Sample, decide
+from backfill.definition import Migration, Migrations
+from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
+from backfill.pacing import Clock, wall_clock
+from backfill.progress import MigrationStatus
+from backfill.state import State
+from backfill.store import records
+from backfill.store.database import Database
+from backfill.store.records import Key, encode_key, row_id
+from backfill.store.scan import TableScan, check_table, scan_descriptor
+
+ProgressListener = Callable[[MigrationStatus], None]
+SAMPLE_IDS = 20
+
+
+@dataclass(frozen=True)
+class DryRun:
+    name: str
+    batches: int
+    rows: int
+    would_change: int
+    would_skip: int
+    would_keep: int
+    samples: list[Sample]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    name: str
+    status: MigrationStatus
+    already_done: bool = False
+    error: RowFailed | None = None
+    dry_run: DryRun | None = None
+
+    @property
+    def state(self) -> State:
+        return self.status.state
+
+
+@dataclass(frozen=True)
+class Verification:
+    name: str
+    remaining: int
+    sample_ids: list[Any]
+    raising: int
+    raising_ids: list[Any]
+    kept: int = 0
+    kept_ids: list[Any] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.remaining == 0 and self.raising == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "remaining": self.remaining,
+            "sample_ids": self.sample_ids,
+            "raising": self.raising,
+            "raising_ids": self.raising_ids,
+            "kept": self.kept,
+            "kept_ids": self.kept_ids,
+        }
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM become a request to stop after the current batch (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signum
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Runner:
+    def __init__(
+        self,
+        database: str | sa.URL | sa.Engine | Database,
+        migrations: Migrations,
+        *,
+        clock: Clock = wall_clock,
+        lease_seconds: float | None = None,
+    ) -> None:
+        self.db = database if isinstance(database, Database) else Database(database)
+        self.migrations = migrations
+        self.clock = clock
+        self.lease_seconds = lease_seconds if lease_seconds is not None else leases.lease_seconds()
+        self.me = leases.Identity.current()
+
+    # -- reading state ------------------------------------------------------------------------
+
+    def _observed(self, record: records.Record | None) -> State:
+        return leases.observed_state(record, self.clock(), self.lease_seconds, self.me)
+
+    def status(self, names: Sequence[str] = ()) -> dict[str, MigrationStatus]:
+        wanted = [self.migrations[n].name for n in names] or self.migrations.names()
+        self.db.ensure_schema()
+        with self.db.unavailable_as_error(), self.db.read() as conn:
+            stored = records.load_all(conn)
+        report = {}
+        for name in wanted:
+            record = stored.get(name)
+            observed = self._observed(record)
+            report[name] = (
+                record.status(observed)
+                if record
+                else MigrationStatus(name=name, state=State.PENDING)
+            )
+        return report
+
+    def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
+        self.migrations[name]
+        self.db.ensure_schema()
+        with self.db.unavailable_as_error(), self.db.read() as conn:
+            return records.skipped_rows(conn, name, limit)
+
+    # -- control ------------------------------------------------------------------------------
+
+    def cancel(self, name: str) -> bool:
+        """Ask a live run to stop after its current batch. False: no live run, nothing changed."""
+        self.migrations[name]
+        self.db.ensure_schema()
+        with self.db.unavailable_as_error(), self.db.write() as conn:
+            record = records.load(conn, name)
+            if self._observed(record) is not State.IN_PROGRESS or record is None:
+                return False
+            return records.update(conn, name, record.generation, cancel_requested=True)
+
+    def reset(self, name: str) -> MigrationStatus:
+        """Forget progress so the next run starts from the beginning."""
+        self.migrations[name]
+        self.db.ensure_schema()
+        with self.db.unavailable_as_error(), self.db.write() as conn:
+            record = records.load(conn, name)
+            if record is not None:
+                observed = self._observed(record)
+                leases.refuse_if_live(name, record, observed)
+                records.forget_skipped(conn, name)
+                # The generation is kept, so a zombie of the forgotten run still cannot commit.
+                records.update(
+                    conn,
+                    name,
+                    record.generation,
+                    state=str(State.PENDING),
+                    cursor=None,
+                    processed=0,
+                    changed=0,
+                    skipped_errors=0,
+                    kept=0,
+                    total=None,
+                    started_at=None,
+                    updated_at=self.clock(),
+                    finished_at=None,
+                    run_started_at=None,
+                    run_processed_start=0,
+                    runner_host=None,
+                    runner_pid=None,
+                    heartbeat_at=None,
+                    cancel_requested=False,
+                    error_message=None,
+                    error_type=None,
+                    error_row_id=None,
+                    error_field=None,
+                )
+        return self.status([name])[name]
+
+    # -- read-only scans ----------------------------------------------------------------------
+
+    def _scan_all(self, migration: Migration) -> Iterator[Outcome]:
+        scan = TableScan(self.db.engine, migration)
+        cursor: Key | None = None
+        while True:
+            with self.db.read() as conn:
+                rows = scan.read(conn, cursor, migration.batch_size)
+            if not rows:
+                return
+            yield decide(migration, rows, OnError.SKIP)
+            cursor = rows[-1].key
+            if len(rows) < migration.batch_size:
+                return
+
+    def verify(self, name: str) -> Verification:
+        """Full read-only scan: rows the migration would still change, and rows it raises on."""
+        migration = self.migrations[name]
+        with self.db.unavailable_as_error():
+            check_table(self.db.engine, migration)
+            remaining = raising = kept = 0
+            sample_ids: list[Any] = []
+            raising_ids: list[Any] = []
+            kept_ids: list[Any] = []
+            for outcome in self._scan_all(migration):
+                remaining += outcome.changed
+                raising += len(outcome.skipped)
+                kept += len(outcome.kept)
+                sample_ids += [row_id(k) for k, _ in outcome.changes][
+                    : SAMPLE_IDS - len(sample_ids)
+                ]
+                raising_ids += [row_id(s.key) for s in outcome.skipped][
+                    : SAMPLE_IDS - len(raising_ids)
+                ]
+                kept_ids += [row_id(k) for k in outcome.kept][: SAMPLE_IDS - len(kept_ids)]
+        return Verification(name, remaining, sample_ids, raising, raising_ids, kept, kept_ids)
+
+    def count(self, name: str) -> Verification:
+        """How many rows the migration would still change (the same scan as verify)."""
+        return self.verify(name)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        names: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        dry_run: bool = False,
+        dry_run_batches: int = 1,
+        restart: bool = False,
+        on_error: OnError | str = OnError.FAIL,
+        min_age: timedelta | None = None,
+        force: bool = False,
+        pause: float = 0.0,
+        listener: ProgressListener | None = None,
+    ) -> list[RunResult]:
+        """Run the migrations one after another; stop at the first that fails or is canceled."""
+        chosen = [self.migrations[name] for name in names]
+        policy = OnError(on_error)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.db.ensure_schema()
+        results = []
+        for migration in chosen:
+            with self.db.unavailable_as_error():
+                check_table(self.db.engine, migration)
+                if not force:
+                    self._check_gate(migration, min_age)
+                size = batch_size or migration.batch_size
+                if dry_run:
+                    result = self._dry_run(migration, size, dry_run_batches, policy)
+                else:
+                    result = self._run_one(migration, size, restart, policy, pause, listener)
+            results.append(result)
+            if result.state in (State.FAILED, State.CANCELED):
+                break
+        return results
+
+    def _check_gate(self, migration: Migration, min_age: timedelta | None) -> None:
+        prerequisite = migration.requires
+        if prerequisite is None:
+            return
+        before = prerequisite.migration
+        wait = prerequisite.min_age if min_age is None else min_age
+        status = self.status([before])[before]
+        if status.state is not State.SUCCESS or status.finished_at is None:
+            raise GateClosed(
+                f"migration {migration.name!r} requires {before!r} to have finished with "
+                f"success; it is {status.state}"
+            )
+        age = timedelta(seconds=self.clock() - status.finished_at)
+        if age < wait:
+            raise GateClosed(
+                f"migration {migration.name!r} may run only {wait} after {before!r} succeeded; "
+                f"it succeeded {_rounded(age)} ago (use --min-age to change the wait, "
+                "--force to skip this check)"
+            )
+        if prerequisite.verified:
+            check = self.verify(before)
+            if not check.clean:
+                raise GateClosed(
+                    f"migration {migration.name!r} requires `verify {before}` to find nothing "
+                    f"left; it finds {check.remaining} rows left and {check.raising} that raise"
+                )
+
+    def _count_total(self, migration: Migration) -> int:
+        with self.db.read() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(migration.table)).scalar()
+        return int(total or 0)
+
+    def _run_one(
+        self,
+        migration: Migration,
+        size: int,
+        restart: bool,
+        policy: OnError,
+        pause: float,
+        listener: ProgressListener | None,
+    ) -> RunResult:
+        name = migration.name
+        scan_id = scan_descriptor(migration)
+        total = self._count_total(migration)
+        claimed = leases.enter(
+            self.db,
+            name,
+            now=self.clock(),
+            lease=self.lease_seconds,
+            me=self.me,
+            restart=restart,
+            scan=scan_id,
+            total=total,
+            batch_size=size,
+        )
+        if claimed is None:
+            return RunResult(name, self.status([name])[name], already_done=True)
+        generation, record = claimed
+        if record["scan"] != scan_id:
+            raise SchemaMismatch(f"migration {name!r} changed its table or key")
+        scan = TableScan(self.db.engine, migration)
+        interval = max(self.lease_seconds / 3, 0.05)
+        with (
+            leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
+            _StopSignals() as signals,
+        ):
+            return self._loop(
+                migration,
+                scan,
+                generation,
+                record,
+                size,
+                policy,
+                pause,
+                listener,
+                heartbeat,
+                signals,
+            )
+
+    def _loop(
+        self,
+        migration: Migration,
+        scan: TableScan,
+        generation: int,
+        record: records.Record,
+        size: int,
+        policy: OnError,
+        pause: float,
+        listener: ProgressListener | None,
+        heartbeat: leases.Heartbeat,
+        signals: _StopSignals,
+    ) -> RunResult:
+        name = migration.name
+        progress = _Progress(record)
+        while True:
+            if heartbeat.lost.is_set():
+                raise _lost(name)
+            if signals.received is not None:
+                return self._finish(name, generation, State.CANCELED)
+            try:
+                batch = self._batch(migration, scan, generation, size, policy, progress)
+            except RowFailed as failure:
+                self._finish(
+                    name,
+                    generation,
+                    State.FAILED,
+                    error_message=failure.message,
+                    error_type=failure.error_type,
+                    error_row_id=json.dumps(failure.row_id, default=str),
+                    error_field=failure.field,
+                )
+                return RunResult(name, self.status([name])[name], error=failure)
+            if batch is None:
+                return self._finish(name, generation, State.CANCELED)
+            if listener is not None or batch.done:
+                status = self.status([name])[name]
+                if listener is not None:
+                    listener(status)
+                if batch.done:
+                    return RunResult(name, status)
+            if pause > 0:
+                time.sleep(pause)
+
+    def _batch(
+        self,
+        migration: Migration,
+        scan: TableScan,
+        generation: int,
+        size: int,
+        policy: OnError,
+        progress: _Progress,
+    ) -> _Batch | None:
+        """One transaction: rows, changes, skipped rows and the cursor commit together, and only
+        while this runner still owns the migration. None when a cancel was requested."""
+        name = migration.name
+        with self.db.write() as conn:
+            current = records.load(conn, name)
+            if current is None or current.generation != generation:
+                raise _lost(name)
+            if current["cancel_requested"]:
+                return None
+            rows = scan.read(conn, progress.cursor, size)
+            outcome = decide(migration, rows, policy)
+            if outcome.changes:
+                scan.write(conn, outcome.changes)
+            now = self.clock()
+            records.record_skipped(
+                conn,
+                name,
+                [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped],
+                now,
+            )
+            values = progress.after(outcome)
+            values.update(updated_at=now, heartbeat_at=now)
+            done = len(rows) < size
+            if done:
+                values.update(state=str(State.SUCCESS), finished_at=now, heartbeat_at=None)
+            if not records.update(conn, name, generation, **values):
+                raise _lost(name)
+        progress.commit(values)
+        return _Batch(done)
+
+    def _finish(self, name: str, generation: int, target: State, **values: Any) -> RunResult:
+        if not leases.leave(self.db, name, generation, target, self.clock(), **values):
+            raise LeaseLost(
+                f"migration {name!r}: this runner lost its lease before it could record {target}"
+            )
+        return RunResult(name, self.status([name])[name])
+
+    def _dry_run(self, migration: Migration, size: int, batches: int, policy: OnError) -> RunResult:
+        """Run batches through the real path inside one transaction, then roll it all back."""
+        scan = TableScan(self.db.engine, migration)
+        with self.db.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                record = records.load(conn, migration.name)
+                observed = self._observed(record)
+                cursor = record.cursor if record and observed is not State.SUCCESS else None
+                rows_seen = changed = skipped = kept = done_batches = 0
+                samples: list[Sample] = []
+                for _ in range(batches):
+                    rows = scan.read(conn, cursor, size)
+                    if not rows:
+                        break
+                    outcome = decide(migration, rows, policy, samples=10 - len(samples))
+                    if outcome.changes:
+                        scan.write(conn, outcome.changes)
+                    samples += outcome.samples
+                    rows_seen += outcome.processed
+                    changed += outcome.changed
+                    skipped += len(outcome.skipped)
+                    kept += len(outcome.kept)
+                    done_batches += 1
+                    cursor = outcome.last_key
+                    if len(rows) < size:
+                        break
+            finally:
+                transaction.rollback()
+        report = DryRun(migration.name, done_batches, rows_seen, changed, skipped, kept, samples)
+        return RunResult(
+            migration.name, self.status([migration.name])[migration.name], dry_run=report
+        )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    done: bool
+
+
+class _Progress:
+    """The run's counters and cursor as last committed; `after` proposes the next values."""
+
+    COUNTERS = ("processed", "changed", "skipped_errors", "kept")
+
+    def __init__(self, record: records.Record) -> None:
+        self.cursor: Key | None = record.cursor
+        self.counters = {c: int(record[c]) for c in self.COUNTERS}
+
+    def after(self, outcome: Outcome) -> dict[str, Any]:
+        cursor = outcome.last_key if outcome.last_key is not None else self.cursor
+        return {
+            "processed": self.counters["processed"] + outcome.processed,
+            "changed": self.counters["changed"] + outcome.changed,
+            "skipped_errors": self.counters["skipped_errors"] + len(outcome.skipped),
+            "kept": self.counters["kept"] + len(outcome.kept),
+            "cursor": None if cursor is None else encode_key(cursor),
+        }
+
+    def commit(self, values: dict[str, Any]) -> None:
+        self.counters = {c: values[c] for c in self.COUNTERS}
+        raw = values["cursor"]
+        self.cursor = None if raw is None else tuple(json.loads(raw))
+
+
+def _lost(name: str) -> LeaseLost:
+    return LeaseLost(
+        f"migration {name!r}: this runner lost its lease to another runner; "
+        "it committed nothing more"
+    )
+
+
+def _rounded(age: timedelta) -> timedelta:
+    return timedelta(seconds=round(age.total_seconds()))
+
+
+__all__ = ["DryRun", "LeaseHeld", "RunResult", "Runner", "Verification"]

@@ -1,0 +1,81 @@
+"""The status machine of a migration: its states and every allowed transition, in one table.
+
+`interrupted` is never stored: it is what a stored `inProgress` is called once its runner is gone.
+This module imports nothing of ours and knows no database.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "inProgress"
+    INTERRUPTED = "interrupted"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def completed(self) -> bool:
+        return self is State.SUCCESS
+
+    @property
+    def resumable(self) -> bool:
+        """A `run` continues from the cursor (no restart needed)."""
+        return self in RESUMABLE
+
+    @property
+    def live(self) -> bool:
+        return self is State.IN_PROGRESS
+
+
+# (from, to): when it happens.
+TRANSITIONS: dict[tuple[State, State], str] = {
+    (State.PENDING, State.IN_PROGRESS): "run starts from the beginning",
+    (
+        State.INTERRUPTED,
+        State.IN_PROGRESS,
+    ): "run takes over a dead runner's lease, resumes at cursor",
+    (State.FAILED, State.IN_PROGRESS): "run resumes at the batch that failed",
+    (State.CANCELED, State.IN_PROGRESS): "run resumes after a cancel",
+    (State.SUCCESS, State.IN_PROGRESS): "run --restart zeroes counters and starts over",
+    (State.IN_PROGRESS, State.SUCCESS): "the range is exhausted and the last batch committed",
+    (State.IN_PROGRESS, State.FAILED): "a batch raised under --on-error fail and rolled back",
+    (State.IN_PROGRESS, State.CANCELED): "cancel, SIGINT or SIGTERM, honoured between batches",
+    (
+        State.IN_PROGRESS,
+        State.INTERRUPTED,
+    ): "the runner died: stale heartbeat or pid gone (derived)",
+    (State.INTERRUPTED, State.PENDING): "reset forgets a dead runner's progress",
+    (State.FAILED, State.PENDING): "reset",
+    (State.CANCELED, State.PENDING): "reset",
+    (State.SUCCESS, State.PENDING): "reset",
+    (State.PENDING, State.PENDING): "reset of a migration never run changes nothing",
+}
+
+RESUMABLE = frozenset(
+    {State.PENDING, State.INTERRUPTED, State.FAILED, State.CANCELED},
+)
+
+
+def allowed(source: State, target: State) -> bool:
+    return (source, target) in TRANSITIONS
+
+
+def sources_of(target: State) -> frozenset[State]:
+    """Every state a transition into `target` may start from."""
+    return frozenset(src for (src, dst) in TRANSITIONS if dst is target)
+
+
+class TransitionRefused(Exception):
+    def __init__(self, source: State, target: State) -> None:
+        super().__init__(f"cannot go from {source} to {target}")
+        self.source = source
+        self.target = target
+
+
+def check(source: State, target: State) -> None:
+    if not allowed(source, target):
+        raise TransitionRefused(source, target)

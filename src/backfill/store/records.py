@@ -1,0 +1,156 @@
+"""Reading and writing a migration's row in `_migrations` (dialect-neutral SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from backfill.progress import MigrationStatus, RowError, Runner
+from backfill.state import State
+from backfill.store.tables import migration_errors, migrations
+
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Record:
+    """A `_migrations` row as stored (state is the stored one: never `interrupted`)."""
+
+    values: Mapping[str, Any]
+
+    @property
+    def state(self) -> State:
+        return State(self.values["state"])
+
+    @property
+    def generation(self) -> int:
+        return int(self.values["generation"])
+
+    @property
+    def cursor(self) -> Key | None:
+        raw = self.values["cursor"]
+        return None if raw is None else tuple(json.loads(raw))
+
+    def __getitem__(self, column: str) -> Any:
+        return self.values[column]
+
+    def status(self, observed: State) -> MigrationStatus:
+        v = self.values
+        live = observed in (State.IN_PROGRESS, State.INTERRUPTED)
+        error = None
+        if v["error_message"] is not None:
+            error = RowError(
+                message=v["error_message"],
+                type=v["error_type"],
+                row_id=None if v["error_row_id"] is None else json.loads(v["error_row_id"]),
+                field=v["error_field"],
+            )
+        return MigrationStatus(
+            name=v["name"],
+            state=observed,
+            processed=v["processed"],
+            total=v["total"],
+            changed=v["changed"],
+            skipped_errors=v["skipped_errors"],
+            kept=v["kept"],
+            total_is_estimate=bool(v["total_is_estimate"]),
+            batch_size=v["batch_size"],
+            started_at=v["started_at"],
+            updated_at=v["updated_at"],
+            finished_at=v["finished_at"],
+            run_started_at=v["run_started_at"],
+            run_processed_start=v["run_processed_start"] or 0,
+            runner=Runner(v["runner_host"], v["runner_pid"]) if live and v["runner_host"] else None,
+            error=error,
+            cancel_requested=bool(v["cancel_requested"]),
+        )
+
+
+def encode_key(key: Key) -> str:
+    """A key as stored in the cursor and error tables: a JSON list of its values."""
+    return json.dumps(list(key), default=str)
+
+
+def row_id(key: Key) -> Any:
+    """A key as shown to people: the value itself, or a list for a composite key."""
+    return key[0] if len(key) == 1 else list(key)
+
+
+def load(conn: sa.Connection, name: str) -> Record | None:
+    row = conn.execute(sa.select(migrations).where(migrations.c.name == name)).mappings().first()
+    return None if row is None else Record(dict(row))
+
+
+def load_all(conn: sa.Connection) -> dict[str, Record]:
+    rows = conn.execute(sa.select(migrations)).mappings()
+    return {row["name"]: Record(dict(row)) for row in rows}
+
+
+def create(conn: sa.Connection, name: str) -> Record:
+    conn.execute(sa.insert(migrations).values(name=name, state=str(State.PENDING)))
+    record = load(conn, name)
+    assert record is not None
+    return record
+
+
+def update(conn: sa.Connection, name: str, owned_by: int | None, **values: Any) -> bool:
+    """Compare-and-set on the generation `owned_by`: False when another runner owns the row now."""
+    statement = sa.update(migrations).where(migrations.c.name == name)
+    if owned_by is not None:
+        statement = statement.where(migrations.c.generation == owned_by)
+    return conn.execute(statement.values(**values)).rowcount == 1
+
+
+def record_skipped(
+    conn: sa.Connection, name: str, skipped: list[tuple[Key, str | None, str, str]], now: float
+) -> None:
+    """Remember rows skipped under --on-error skip (replacing an older entry for the same row)."""
+    if not skipped:
+        return
+    ids = [encode_key(key) for key, *_ in skipped]
+    conn.execute(
+        sa.delete(migration_errors).where(
+            migration_errors.c.migration == name, migration_errors.c.row_id.in_(ids)
+        )
+    )
+    conn.execute(
+        sa.insert(migration_errors),
+        [
+            {
+                "migration": name,
+                "row_id": encoded,
+                "field": field,
+                "error_type": kind,
+                "message": message,
+                "at": now,
+            }
+            for encoded, (_key, field, kind, message) in zip(ids, skipped, strict=True)
+        ],
+    )
+
+
+def forget_skipped(conn: sa.Connection, name: str) -> None:
+    conn.execute(sa.delete(migration_errors).where(migration_errors.c.migration == name))
+
+
+def skipped_rows(conn: sa.Connection, name: str, limit: int = 20) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(migration_errors)
+        .where(migration_errors.c.migration == name)
+        .order_by(migration_errors.c.id)
+        .limit(limit)
+    ).mappings()
+    return [
+        {
+            "row_id": row_id(tuple(json.loads(r["row_id"]))),
+            "field": r["field"],
+            "type": r["error_type"],
+            "message": r["message"],
+            "at": r["at"],
+        }
+        for r in rows
+    ]

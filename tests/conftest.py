@@ -1,0 +1,80 @@
+"""Shared fixtures: a fresh SQLite database file per test, seeded chat data, the CLI in a
+subprocess exactly as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from backfill import Runner
+from backfill.store.database import Database
+from chat_migrations import migrations
+from chat_migrations.generator import seed_messages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'chat.db'}"
+
+
+@pytest.fixture
+def db(sqlite_url: str) -> Database:
+    database = Database(sqlite_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def seeded(db: Database) -> Callable[[int], Database]:
+    def seed(count: int) -> Database:
+        seed_messages(db.engine, count)
+        return db
+
+    return seed
+
+
+@pytest.fixture
+def runner(db: Database) -> Runner:
+    return Runner(db, migrations)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("BACKFILL_DATABASE_URL", None)
+    env.pop("BACKFILL_APP", None)
+    # Test apps (tests/apps) are importable by the subprocess, as a user's own module would be.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def backfill_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "backfill", *args]
+
+
+@pytest.fixture
+def cli(sqlite_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `backfill ARGS --database-url URL` in a subprocess; returns the completed process."""
+
+    def run(*args: str, url: str | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            backfill_command(*args, "--database-url", url or sqlite_url),
+            capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+            env=env or cli_env(), stdin=subprocess.DEVNULL,
+        )
+
+    return run
+
+
+def rows(engine: sa.Engine, sql: str) -> list[tuple[object, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(sql)]

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from backfill.cli.commands import cli
 from backfill.cli.options import current, forget
 from backfill.cli.render import err
-from backfill.errors import BackfillError, DatabaseUnavailable
+from backfill.errors import BackfillError
 
 __all__ = ["cli", "main"]
 
@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     except BackfillError as error:
         code = _fail(error, error.exit_code)
     except sa.exc.DBAPIError as error:
-        code = _fail(DatabaseUnavailable(str(error.orig)), 4)
+        code = _fail(error, 4, f"database error: {error.orig}")
+    except Exception as error:  # noqa: BLE001 - a bug of ours: one line, traceback with --debug
+        code = _fail(error, 1, f"unexpected {type(error).__name__}: {error} "
+                               "(run again with --debug for the traceback)")
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(error: Exception, code: int) -> int:
+def _fail(error: Exception, code: int, message: str | None = None) -> int:
     if current().debug:
         traceback.print_exception(error)
-    sys.stderr.write(f"backfill: {_scrub(str(error))}\n")
+    sys.stderr.write(f"backfill: {_scrub(message or str(error))}\n")
     return code

@@ -28,8 +28,9 @@ from backfill.pacing import Ticker
 from backfill.progress import MigrationStatus, iso
 from backfill.runner import DryRun
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output is read by people later (logs, CI): do not squeeze it into 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 def print_json(document: Any) -> None:

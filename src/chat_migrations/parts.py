@@ -26,7 +26,7 @@ def _text(field: str, value: Any) -> str | None:
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         raise BadValue(field, f"is a blob of {len(bytes(value))} bytes, not text")
-    raise BadValue(field, f"is a {type(value).__name__} ({value!r}), not text")
+    raise BadValue(field, f"is of type {type(value).__name__} ({value!r}), not text")
 
 
 def derive_parts(body: Any, thinking_content: Any) -> list[Part]:
@@ -58,5 +58,5 @@ def message_parts(msg: Mapping[str, Any]) -> list[Part]:
         except ValueError as error:
             raise InvalidMessage(f"{who}: field 'parts' holds malformed JSON ({error})") from None
     if not isinstance(parts, list):
-        raise InvalidMessage(f"{who}: field 'parts' is a {type(parts).__name__}, not a list")
+        raise InvalidMessage(f"{who}: field 'parts' is of type {type(parts).__name__}, not a list")
     return parts

@@ -17,6 +17,9 @@ messages = sa.Table(
     sa.Column("body", sa.Text),
     sa.Column("thinking_content", sa.Text),
     # The AI SDK's message parts; NULL until body_to_parts (or the new code) writes them.
-    sa.Column("parts", sa.JSON().with_variant(JSONB(), "postgresql")),
+    # none_as_null: app code that writes None means "no parts" (SQL NULL), not the JSON `null`.
+    sa.Column(
+        "parts", sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    ),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )

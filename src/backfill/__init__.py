@@ -18,7 +18,7 @@ from backfill.errors import (
 from backfill.progress import MigrationStatus
 from backfill.runner import DryRun, Runner, RunResult, Verification
 from backfill.state import State
-from backfill.store.scan import MalformedJSON
+from backfill.store.values import MalformedJSON
 
 __all__ = [
     "DELETE",

@@ -13,7 +13,8 @@ from typing import Any
 from backfill.definition import DELETE, Keep, Migration
 from backfill.errors import BadValue, RowFailed
 from backfill.store.records import Key, row_id
-from backfill.store.scan import ScannedRow
+from backfill.store.scan import Snapshot
+from backfill.store.values import Rows, Writes
 
 
 class OnError(StrEnum):
@@ -46,57 +47,110 @@ class Outcome:
     kept: list[Key] = field(default_factory=list)
     last_key: Key | None = None
     samples: list[Sample] = field(default_factory=list)
+    # The changes encoded for the driver, when decide was given somewhere to encode them.
+    writes: Writes | None = None
 
     @property
     def changed(self) -> int:
         return len(self.changes)
 
 
-def _failure(migration: Migration, row: ScannedRow, error: Exception) -> RowFailed:
+def _failure(migration: Migration, key: Key, error: Exception) -> RowFailed:
     field_name = error.field if isinstance(error, BadValue) else None
     message = error.reason if isinstance(error, BadValue) else str(error) or type(error).__name__
-    return RowFailed(migration.name, row_id(row.key), field_name, message, type(error).__name__)
+    return RowFailed(migration.name, row_id(key), field_name, message, type(error).__name__)
+
+
+_ABSENT: Any = object()
 
 
 def decide(
-    migration: Migration, rows: list[ScannedRow], on_error: OnError, samples: int = 0
+    migration: Migration,
+    rows: Rows,
+    on_error: OnError,
+    samples: int = 0,
+    writes: Writes | None = None,
 ) -> Outcome:
-    """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL."""
-    outcome = Outcome(processed=len(rows), last_key=rows[-1].key if rows else None)
+    """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL.
+
+    With `writes`, each change is also encoded there for the driver, so a value that cannot be
+    stored is an error on its own row rather than a failure of the whole write.
+    """
+    outcome = Outcome(processed=len(rows), last_key=rows.last_key, writes=writes)
+    # This loop runs once per row of the table: names are bound to locals once, and a change is
+    # told from "no change" by cheap checks first (a type differs) before comparing values.
     function = migration.function
-    table_columns = migration.table.c
-    for row in rows:
+    columns = frozenset(c.name for c in migration.table.columns)
+    changes, faults = outcome.changes, rows.faults
+    encode = None if writes is None else writes.add
+    for position, (key, values) in enumerate(zip(rows.keys, rows.values, strict=True)):
         try:
-            if row.fault is not None:
-                raise BadValue(row.fault.field, row.fault.reason)
-            result = function(row.values)
+            if faults and position in faults:
+                fault = faults[position]
+                raise BadValue(fault.field, fault.reason)
+            result = function(values)
             if result is None:
                 continue
             if isinstance(result, Keep):
-                outcome.kept.append(row.key)
+                outcome.kept.append(key)
                 continue
             diff: dict[str, Any] = {}
             for name, value in result.items():
-                if name not in table_columns:
+                if name not in columns:
                     raise BadValue(name, f"is not a column of table {migration.table.name!r}")
                 new = None if value is DELETE else value
-                if (
-                    name not in row.values
-                    or row.values[name] != new
-                    or (type(row.values[name]) is not type(new))
-                ):
+                old = values.get(name, _ABSENT)
+                if type(old) is not type(new) or old is _ABSENT or old != new:
                     diff[name] = new
+            if diff and encode is not None:
+                encode(key, diff)
         except Exception as error:  # noqa: BLE001 - any error in user code is about this row
-            failure = _failure(migration, row, error)
+            failure = _failure(migration, key, error)
             if on_error is OnError.FAIL:
                 raise failure from error
-            outcome.skipped.append(
-                Skipped(row.key, failure.field, failure.error_type, failure.message)
-            )
+            outcome.skipped.append(Skipped(key, failure.field, failure.error_type, failure.message))
             continue
         if diff:
-            outcome.changes.append((row.key, diff))
+            changes.append((key, diff))
             if len(outcome.samples) < samples:
-                before = {name: row.values.get(name) for name in diff}
-                outcome.samples.append(Sample(row.key, before, diff))
+                before = {name: values.get(name) for name in diff}
+                outcome.samples.append(Sample(key, before, diff))
     return outcome
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """The next batch, read and decided outside any transaction while the previous one commits.
+
+    It may stand for a read inside the next transaction only when nothing can have changed its
+    rows in between: same cursor, and the store's snapshot token unchanged (no other connection
+    committed since the previous transaction took the write lock).
+    """
+
+    cursor: Key | None
+    snapshot: Snapshot
+    outcome: Outcome | None = None
+    failure: RowFailed | None = None
+
+    @classmethod
+    def decide(
+        cls,
+        migration: Migration,
+        rows: Rows,
+        on_error: OnError,
+        writes: Writes,
+        cursor: Key | None,
+        snapshot: Snapshot,
+    ) -> Ahead:
+        try:
+            return cls(cursor, snapshot, decide(migration, rows, on_error, writes=writes))
+        except RowFailed as failure:
+            return cls(cursor, snapshot, failure=failure)  # raised if the batch is taken
+
+    def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Outcome | None:
+        """The outcome to use in the transaction that sees `snapshot`; None: read again."""
+        if snapshot is None or snapshot != self.snapshot or cursor != self.cursor:
+            return None
+        if self.failure is not None:
+            raise self.failure
+        return self.outcome

@@ -73,6 +73,17 @@ def refuse_if_live(name: str, record: Record | None, observed: State) -> None:
         raise LeaseHeld(name, record["runner_host"], record["runner_pid"])
 
 
+def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Identity) -> None:
+    """Refuse at once, from a read transaction, when a live runner holds the migration.
+
+    On SQLite that very runner takes the write lock batch after batch, and a waiting writer is
+    starved by SQLite's busy handler (it retries every 100 ms and rarely hits the gap between two
+    batches): a refusal must not wait for the write lock. Callers check again under it."""
+    with db.read() as conn:
+        record = records.load(conn, name)
+    refuse_if_live(name, record, observed_state(record, now, lease, me))
+
+
 def enter(
     db: Database,
     name: str,
@@ -86,6 +97,7 @@ def enter(
     batch_size: int,
 ) -> tuple[int, Record] | None:
     """Claim the migration for this runner. None when it already succeeded and no restart."""
+    refuse_if_held(db, name, now=now, lease=lease, me=me)
     with db.write() as conn:
         record = records.load(conn, name) or records.create(conn, name)
         observed = observed_state(record, now, lease, me)

@@ -23,11 +23,12 @@ from backfill.batch import OnError, Outcome, Sample, decide
 from backfill.definition import Migration, Migrations
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
 from backfill.pacing import Clock, wall_clock
+from backfill.pipeline import Batches, lease_lost
 from backfill.progress import MigrationStatus
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
-from backfill.store.records import Key, encode_key, row_id
+from backfill.store.records import Key, row_id
 from backfill.store.scan import TableScan, check_table, scan_descriptor
 
 ProgressListener = Callable[[MigrationStatus], None]
@@ -152,6 +153,10 @@ class Runner:
         """Ask a live run to stop after its current batch. False: no live run, nothing changed."""
         self.migrations[name]
         self.db.ensure_schema()
+        # No live run: say so at once, without waiting for the write lock a runner may hold.
+        with self.db.unavailable_as_error(), self.db.read() as conn:
+            if self._observed(records.load(conn, name)) is not State.IN_PROGRESS:
+                return False
         with self.db.unavailable_as_error(), self.db.write() as conn:
             record = records.load(conn, name)
             if self._observed(record) is not State.IN_PROGRESS or record is None:
@@ -162,6 +167,11 @@ class Runner:
         """Forget progress so the next run starts from the beginning."""
         self.migrations[name]
         self.db.ensure_schema()
+        with self.db.unavailable_as_error():
+            # A live run is refused at once, without waiting for the write lock it may hold.
+            leases.refuse_if_held(
+                self.db, name, now=self.clock(), lease=self.lease_seconds, me=self.me
+            )
         with self.db.unavailable_as_error(), self.db.write() as conn:
             record = records.load(conn, name)
             if record is not None:
@@ -206,8 +216,9 @@ class Runner:
                 rows = scan.read(conn, cursor, migration.batch_size)
             if not rows:
                 return
-            yield decide(migration, rows, OnError.SKIP)
-            cursor = rows[-1].key
+            # Encoded as a run would, so a value that cannot be stored counts as raising.
+            yield decide(migration, rows, OnError.SKIP, writes=scan.writes())
+            cursor = rows.last_key
             if len(rows) < migration.batch_size:
                 return
 
@@ -335,47 +346,31 @@ class Runner:
         generation, record = claimed
         if record["scan"] != scan_id:
             raise SchemaMismatch(f"migration {name!r} changed its table or key")
-        scan = TableScan(self.db.engine, migration)
         interval = max(self.lease_seconds / 3, 0.05)
         with (
             leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
             _StopSignals() as signals,
+            Batches(self.db, migration, generation, record, size, policy, self.clock) as batches,
         ):
-            return self._loop(
-                migration,
-                scan,
-                generation,
-                record,
-                size,
-                policy,
-                pause,
-                listener,
-                heartbeat,
-                signals,
-            )
+            return self._loop(name, generation, batches, pause, listener, heartbeat, signals)
 
     def _loop(
         self,
-        migration: Migration,
-        scan: TableScan,
+        name: str,
         generation: int,
-        record: records.Record,
-        size: int,
-        policy: OnError,
+        batches: Batches,
         pause: float,
         listener: ProgressListener | None,
         heartbeat: leases.Heartbeat,
         signals: _StopSignals,
     ) -> RunResult:
-        name = migration.name
-        progress = _Progress(record)
         while True:
             if heartbeat.lost.is_set():
-                raise _lost(name)
+                raise lease_lost(name)
             if signals.received is not None:
                 return self._finish(name, generation, State.CANCELED)
             try:
-                batch = self._batch(migration, scan, generation, size, policy, progress)
+                batch = batches.next()
             except RowFailed as failure:
                 self._finish(
                     name,
@@ -389,53 +384,17 @@ class Runner:
                 return RunResult(name, self.status([name])[name], error=failure)
             if batch is None:
                 return self._finish(name, generation, State.CANCELED)
-            if listener is not None or batch.done:
+            if batch.done:
                 status = self.status([name])[name]
                 if listener is not None:
                     listener(status)
-                if batch.done:
-                    return RunResult(name, status)
+                return RunResult(name, status)
+            if listener is not None:
+                # From what this run just committed: a status query per batch cost as much as
+                # the batch's own bookkeeping.
+                listener(batches.status())
             if pause > 0:
                 time.sleep(pause)
-
-    def _batch(
-        self,
-        migration: Migration,
-        scan: TableScan,
-        generation: int,
-        size: int,
-        policy: OnError,
-        progress: _Progress,
-    ) -> _Batch | None:
-        """One transaction: rows, changes, skipped rows and the cursor commit together, and only
-        while this runner still owns the migration. None when a cancel was requested."""
-        name = migration.name
-        with self.db.write() as conn:
-            current = records.load(conn, name)
-            if current is None or current.generation != generation:
-                raise _lost(name)
-            if current["cancel_requested"]:
-                return None
-            rows = scan.read(conn, progress.cursor, size)
-            outcome = decide(migration, rows, policy)
-            if outcome.changes:
-                scan.write(conn, outcome.changes)
-            now = self.clock()
-            records.record_skipped(
-                conn,
-                name,
-                [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped],
-                now,
-            )
-            values = progress.after(outcome)
-            values.update(updated_at=now, heartbeat_at=now)
-            done = len(rows) < size
-            if done:
-                values.update(state=str(State.SUCCESS), finished_at=now, heartbeat_at=None)
-            if not records.update(conn, name, generation, **values):
-                raise _lost(name)
-        progress.commit(values)
-        return _Batch(done)
 
     def _finish(self, name: str, generation: int, target: State, **values: Any) -> RunResult:
         if not leases.leave(self.db, name, generation, target, self.clock(), **values):
@@ -459,9 +418,11 @@ class Runner:
                     rows = scan.read(conn, cursor, size)
                     if not rows:
                         break
-                    outcome = decide(migration, rows, policy, samples=10 - len(samples))
-                    if outcome.changes:
-                        scan.write(conn, outcome.changes)
+                    outcome = decide(
+                        migration, rows, policy, samples=10 - len(samples), writes=scan.writes()
+                    )
+                    if outcome.writes is not None and outcome.changes:
+                        scan.write(conn, outcome.writes)
                     samples += outcome.samples
                     rows_seen += outcome.processed
                     changed += outcome.changed
@@ -477,43 +438,6 @@ class Runner:
         return RunResult(
             migration.name, self.status([migration.name])[migration.name], dry_run=report
         )
-
-
-@dataclass(frozen=True)
-class _Batch:
-    done: bool
-
-
-class _Progress:
-    """The run's counters and cursor as last committed; `after` proposes the next values."""
-
-    COUNTERS = ("processed", "changed", "skipped_errors", "kept")
-
-    def __init__(self, record: records.Record) -> None:
-        self.cursor: Key | None = record.cursor
-        self.counters = {c: int(record[c]) for c in self.COUNTERS}
-
-    def after(self, outcome: Outcome) -> dict[str, Any]:
-        cursor = outcome.last_key if outcome.last_key is not None else self.cursor
-        return {
-            "processed": self.counters["processed"] + outcome.processed,
-            "changed": self.counters["changed"] + outcome.changed,
-            "skipped_errors": self.counters["skipped_errors"] + len(outcome.skipped),
-            "kept": self.counters["kept"] + len(outcome.kept),
-            "cursor": None if cursor is None else encode_key(cursor),
-        }
-
-    def commit(self, values: dict[str, Any]) -> None:
-        self.counters = {c: values[c] for c in self.COUNTERS}
-        raw = values["cursor"]
-        self.cursor = None if raw is None else tuple(json.loads(raw))
-
-
-def _lost(name: str) -> LeaseLost:
-    return LeaseLost(
-        f"migration {name!r}: this runner lost its lease to another runner; "
-        "it committed nothing more"
-    )
 
 
 def _rounded(age: timedelta) -> timedelta:

@@ -1,7 +1,8 @@
 """Realistic legacy chat data: conversations of user/assistant turns, as the old code stored them.
 
 Varied lengths, Unicode, code blocks, some empty bodies; about a third of assistant turns carry
-thinking content; `parts` is always NULL. Deterministic for a given seed.
+thinking content; `parts` is always SQL NULL (the key is left out of each row: SQLAlchemy's JSON
+type would store `None` as the JSON text `null`). Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -102,7 +103,6 @@ def generate_messages(count: int, seed: int = 42) -> Iterator[dict[str, Any]]:
                 "role": role,
                 "body": body,
                 "thinking_content": thinking,
-                "parts": None,
                 "created_at": moment,
             }
 

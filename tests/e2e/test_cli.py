@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-from pathlib import Path
 
 from conftest import ROOT, backfill_command, cli_env
 
@@ -27,7 +26,8 @@ def test_demo_then_status_count_verify_and_rerun(cli, sqlite_url):
     assert document["cleanup_legacy_fields"]["state"] == "pending"
 
     assert json.loads(cli("count", "body_to_parts", "--json").stdout) == {
-        "body_to_parts": {"remaining": 0, "raising": 0}}
+        "body_to_parts": {"remaining": 0, "raising": 0}
+    }
     verify = cli("verify", "body_to_parts", "--json")
     assert verify.returncode == 0
     assert json.loads(verify.stdout)["body_to_parts"]["remaining"] == 0
@@ -59,8 +59,14 @@ def test_demo_asks_before_replacing_and_refuses_prod(cli, tmp_path):
 
 def test_global_options_before_and_after_the_command(sqlite_url, tmp_path):
     def run(*args):
-        return subprocess.run(backfill_command(*args), capture_output=True, text=True,
-                              cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            backfill_command(*args),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=cli_env(),
+            stdin=subprocess.DEVNULL,
+        )
 
     before = run("--database-url", sqlite_url, "--json", "status")
     after = run("status", "--json", "--database-url", sqlite_url)
@@ -79,7 +85,8 @@ def test_refusals_exit_2_with_one_sentence(cli, sqlite_url, tmp_path):
     assert "table 'messages' does not exist" in missing.stderr
 
     sqlite3.connect(tmp_path / "chat.db").execute(
-        "CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)").connection.commit()
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT)"
+    ).connection.commit()
     no_column = cli("run", "body_to_parts")
     assert no_column.returncode == 2 and "no column 'thinking_content'" in no_column.stderr
 
@@ -87,8 +94,7 @@ def test_refusals_exit_2_with_one_sentence(cli, sqlite_url, tmp_path):
 def test_unreachable_database_exits_4_without_password(cli, tmp_path):
     gone = cli("status", url=f"sqlite:///{tmp_path}/no/such/dir/x.db")
     assert gone.returncode == 4 and "unable to open" in gone.stderr
-    secret = cli("status", url="postgresql+psycopg://alice:hunter2@127.0.0.1:1/nowhere",
-                 timeout=60)
+    secret = cli("status", url="postgresql+psycopg://alice:hunter2@127.0.0.1:1/nowhere", timeout=60)
     assert secret.returncode == 4
     assert "hunter2" not in secret.stderr + secret.stdout
     assert "Traceback" not in secret.stderr
@@ -124,3 +130,21 @@ def test_status_table_for_people(cli):
 def test_repository_config_points_at_the_flagship():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'app = "chat_migrations:migrations"' in text
+
+
+def test_status_watch_json_streams_one_line_per_refresh(cli, sqlite_url, tmp_path):
+    assert cli("demo", "--messages", "100", "--seed-only", "--yes").returncode == 0
+    watcher = subprocess.Popen(
+        backfill_command(
+            "status", "--watch", "--interval", "0.2", "--json", "--database-url", sqlite_url
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+    )
+    lines = [watcher.stdout.readline() for _ in range(3)]
+    watcher.terminate()
+    watcher.wait(timeout=10)
+    documents = [json.loads(line) for line in lines]
+    assert all(d["body_to_parts"]["state"] == "pending" for d in documents)

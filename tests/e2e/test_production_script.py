@@ -14,8 +14,15 @@ SCRIPT = ROOT / "scripts" / "production-migration.sh"
 
 def _script(url: str, answers: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = cli_env(BACKFILL_BIN=str(Path(sys.executable).parent / "backfill"))
-    return subprocess.run(["bash", str(SCRIPT), "--database-url", url, *args], input=answers,
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--database-url", url, *args],
+        input=answers,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_prod_checklist_refusal_changes_nothing(cli, sqlite_url, tmp_path):
@@ -40,5 +47,7 @@ def test_declining_the_run_keeps_the_data(cli, sqlite_url, tmp_path):
     assert cli("demo", "--messages", "100", "--seed-only", "--yes").returncode == 0
     declined = _script(sqlite_url, "n\n", cwd=tmp_path)
     assert declined.returncode == 2 and "Nothing was changed" in declined.stdout
-    assert json.loads(cli("count", "body_to_parts", "--json").stdout)["body_to_parts"][
-        "remaining"] == 100
+    assert (
+        json.loads(cli("count", "body_to_parts", "--json").stdout)["body_to_parts"]["remaining"]
+        == 100
+    )

@@ -66,7 +66,7 @@ def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
     if g.json:
         while True:
             report = runner.status(names)
-            render.print_json({name: s.to_json() for name, s in report.items()})
+            render.print_json({name: s.to_json() for name, s in report.items()}, compact=watch)
             if not watch:
                 return
             time.sleep(interval)

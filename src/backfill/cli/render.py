@@ -33,8 +33,10 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
-def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+def print_json(document: Any, *, compact: bool = False) -> None:
+    """One JSON document on stdout; compact (one line) for streams such as `status --watch`."""
+    text = json.dumps(document, ensure_ascii=False, indent=None if compact else 2)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

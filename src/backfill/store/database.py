@@ -26,7 +26,8 @@ def _create_engine(url: str | sa.URL) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    # Positional parameters, so the hot statements compiled once take plain tuples (scan.py).
+    return sa.create_engine(url, pool_pre_ping=True, paramstyle="format")
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:

@@ -105,6 +105,75 @@ def update(conn: sa.Connection, name: str, owned_by: int | None, **values: Any) 
     return conn.execute(statement.values(**values)).rowcount == 1
 
 
+class Ledger:
+    """The two `_migrations` statements of every batch, for one run: is the migration still
+    ours (and not asked to stop), and advance it. Compiled once and sent to the driver: through
+    SQLAlchemy Core they cost about 0.6 ms a batch, more than the rest of the bookkeeping."""
+
+    def __init__(self, dialect: sa.Dialect, name: str, generation: int) -> None:
+        self.dialect, self.name, self.generation = dialect, name, generation
+        check = sa.select(migrations.c.generation, migrations.c.cancel_requested).where(
+            migrations.c.name == sa.bindparam("name")
+        )
+        self._check = self._compile(check)
+        self._advances: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
+
+    def _compile(self, statement: sa.ClauseElement) -> tuple[str, tuple[str, ...]] | None:
+        compiled: Any = statement.compile(dialect=self.dialect)
+        if not compiled.positional:
+            return None  # named parameter styles: let SQLAlchemy bind them
+        return compiled.string, tuple(compiled.positiontup or ())
+
+    def check(self, conn: sa.Connection) -> tuple[bool, bool]:
+        """(still owned by this runner's generation, cancel requested)."""
+        if self._check is None:
+            record = load(conn, self.name)
+            found = None if record is None else (record.generation, record["cancel_requested"])
+        else:
+            found = _driver_one(conn, self._check[0], (self.name,))
+        if found is None or int(found[0]) != self.generation:
+            return False, False
+        return True, bool(found[1])
+
+    def advance(self, conn: sa.Connection, values: dict[str, Any]) -> bool:
+        """`update` under this runner's generation; False when it no longer owns the row."""
+        names = tuple(values)
+        if names not in self._advances:
+            statement = (
+                sa.update(migrations)
+                .where(migrations.c.name == sa.bindparam("owner_name"))
+                .where(migrations.c.generation == sa.bindparam("owner_generation"))
+                .values({migrations.c[n]: sa.bindparam(n) for n in names})
+            )
+            self._advances[names] = self._compile(statement)
+        compiled = self._advances[names]
+        if compiled is None:
+            return update(conn, self.name, self.generation, **values)
+        sql, order = compiled
+        given = dict(values, owner_name=self.name, owner_generation=self.generation)
+        raw = _driver(conn).cursor()
+        try:
+            raw.execute(sql, tuple(given[n] for n in order))
+            return int(raw.rowcount) == 1
+        finally:
+            raw.close()
+
+
+def _driver(conn: sa.Connection) -> Any:
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    return dbapi
+
+
+def _driver_one(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    raw = _driver(conn).cursor()
+    try:
+        raw.execute(sql, params)
+        return raw.fetchone()
+    finally:
+        raw.close()
+
+
 def record_skipped(
     conn: sa.Connection, name: str, skipped: list[tuple[Key, str | None, str, str]], now: float
 ) -> None:

@@ -2,16 +2,17 @@
 
 Both are built with SQLAlchemy Core (quoting, dialect compilation) once per migration, then sent
 straight to the driver with plain tuples: measured, SQLAlchemy's per-row result and JSON
-processing would cost a third of the run (docs/design.md). So this module also owns decoding the
-stored values for the migration function and encoding its changes back.
+processing would cost a third of the run (docs/design.md). The values themselves, decoded for
+the function and encoded back, live in `store.values`.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,51 +20,10 @@ import sqlalchemy as sa
 from backfill.definition import Migration
 from backfill.errors import SchemaMismatch
 from backfill.store.records import Key
+from backfill.store.values import Fault, Rows, Writes, decode_json
 
-Decoder = Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class MalformedJSON:
-    """A JSON column whose stored text does not parse; handed to the function instead of raising."""
-
-    text: str
-    error: str
-
-    def __str__(self) -> str:
-        return f"malformed JSON ({self.error})"
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A stored value the engine could not even decode (invalid UTF-8 in TEXT)."""
-
-    field: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ScannedRow:
-    key: Key
-    values: dict[str, Any]
-    fault: Fault | None = None
-
-
-def _decode_json(raw: Any) -> Any:
-    if raw is None or not isinstance(raw, str | bytes):
-        return raw
-    try:
-        return json.loads(raw)
-    except ValueError as error:
-        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
-        return MalformedJSON(text, str(error))
-
-
-def _encode_json(value: Any) -> str | None:
-    # SQL NULL where the function means "nothing", never the JSON literal null.
-    if value is None:
-        return None
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+Snapshot = tuple[int, int]
+_ROWS_PER_STATEMENT = 5000
 
 
 def _is_json(column: sa.Column[Any]) -> bool:
@@ -110,16 +70,18 @@ class TableScan:
         self.columns = migration.read_columns
         self.names = [c.name for c in self.columns]
         self.key_width = len(migration.key)
+        self.key_names = frozenset(c.name for c in migration.key)
+        self.column_names = frozenset(c.name for c in table.columns)
         # Drivers that hand back JSON as text (SQLite) need decoding; psycopg decodes jsonb itself.
         decode_text = self.dialect.name == "sqlite"
-        self.decoders: list[Decoder | None] = [
-            _decode_json if _is_json(c) and decode_text else None for c in self.columns
-        ]
-        self.json_names = {c.name for c in table.columns if _is_json(c)}
+        self.decoded = [c.name for c in self.columns if _is_json(c) and decode_text]
+        self.json_names = frozenset(c.name for c in table.columns if _is_json(c))
         self._select = sa.select(*self.columns)
         self._order = [c.asc() for c in migration.key]
         self._reads: dict[tuple[bool, int], Statement] = {}
         self._writes: dict[tuple[str, ...], Statement] = {}
+        self._joined: dict[tuple[tuple[str, ...], int], str] = {}
+        self._triggers: bool | None = None  # None: not looked up yet
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -145,13 +107,11 @@ class TableScan:
             self._reads[(cursor_given, limit)] = cached
         return cached
 
-    def read(self, conn: sa.Connection, cursor: Key | None, limit: int) -> list[ScannedRow]:
+    def read(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Rows:
         """The next `limit` rows after `cursor` in key order, decoded for the function."""
         statement = self._read_statement(cursor is not None, limit)
         sql, params = statement.sql, statement.params(cursor or ())
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        raw = dbapi.cursor()
+        raw = _driver(conn).cursor()
         try:
             try:
                 raw.execute(sql, params)
@@ -162,20 +122,24 @@ class TableScan:
                 return self._read_undecodable(conn, cursor, limit)
         finally:
             raw.close()
-        return [self._scanned(values) for values in fetched]
+        return self._rows(fetched)
 
-    def _scanned(self, values: Sequence[Any], fault: Fault | None = None) -> ScannedRow:
-        decoded = [
-            value if decoder is None else decoder(value)
-            for value, decoder in zip(values, self.decoders, strict=True)
-        ]
-        return ScannedRow(
-            tuple(decoded[: self.key_width]), dict(zip(self.names, decoded, strict=True)), fault
-        )
+    def _rows(
+        self, fetched: Sequence[Sequence[Any]], faults: dict[int, Fault] | None = None
+    ) -> Rows:
+        # Whole-batch comprehensions rather than a function call per row: the per-row work that
+        # remains runs in C (dict, zip, slicing). Rows have exactly our columns, and a strict
+        # zip made building the dicts 60% slower.
+        names, width = self.names, self.key_width
+        values = [dict(zip(names, row, strict=False)) for row in fetched]
+        for name in self.decoded:
+            for row_values in values:
+                stored = row_values[name]
+                if stored is not None:
+                    row_values[name] = decode_json(stored)
+        return Rows([tuple(row[:width]) for row in fetched], values, faults)
 
-    def _read_undecodable(
-        self, conn: sa.Connection, cursor: Key | None, limit: int
-    ) -> list[ScannedRow]:
+    def _read_undecodable(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Rows:
         """SQLite only: some TEXT in this batch is not UTF-8. Read bytes and decode per value,
         so the bad row and field can be named instead of the whole batch failing to fetch."""
         kinds = [sa.func.typeof(c) for c in self.columns]
@@ -185,8 +149,7 @@ class TableScan:
             self.dialect,
             self._key_names(cursor is not None),
         )
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
+        dbapi = _driver(conn)
         previous = dbapi.text_factory
         dbapi.text_factory = bytes
         try:
@@ -197,31 +160,52 @@ class TableScan:
         finally:
             dbapi.text_factory = previous
         width = len(self.columns)
-        rows = []
-        for values in fetched:
+        decoded: list[list[Any]] = []
+        faults: dict[int, Fault] = {}
+        for position, values in enumerate(fetched):
             stored, kinds_of = list(values[:width]), values[width:]
-            fault = None
             for i, kind in enumerate(kinds_of):
                 if kind == b"text":
                     try:
                         stored[i] = stored[i].decode("utf-8")
                     except UnicodeDecodeError as error:
-                        fault = fault or Fault(
-                            self.names[i],
-                            f"is not valid UTF-8 ({error.reason} at byte {error.start})",
+                        faults.setdefault(
+                            position,
+                            Fault(
+                                self.names[i],
+                                f"is not valid UTF-8 ({error.reason} at byte {error.start})",
+                            ),
                         )
                         stored[i] = None
-            rows.append(self._scanned(stored, fault))
-        return rows
+            decoded.append(stored)
+        return self._rows(decoded, faults)
+
+    def snapshot(self, conn: sa.Connection) -> Snapshot | None:
+        """A token that stays the same on `conn` while no other connection commits to the
+        database; None where the dialect offers none, or where our own writes may change rows
+        of other batches (triggers on the table). Lets a batch read ahead of its transaction be
+        trusted."""
+        if self._triggers is None:
+            self._triggers = self.dialect.name != "sqlite" or _has_triggers(conn, self.migration)
+        if self._triggers:
+            return None
+        dbapi = _driver(conn)
+        raw = dbapi.cursor()
+        try:
+            (version,) = raw.execute("PRAGMA data_version").fetchone()
+        finally:
+            raw.close()
+        # data_version is per connection: the same number on another one means nothing.
+        return id(dbapi), int(version)
+
+    def may_read_ahead(self, writes: Writes | None) -> bool:
+        """False when a write moves keys: the next batch's rows are then not known before commit."""
+        return writes is None or not any(self.key_names.intersection(n) for n in writes.groups)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def check_columns(self, changed: Iterable[str]) -> str | None:
-        """The first name that is not a column of the table, if any."""
-        for name in changed:
-            if name not in self.migration.table.c:
-                return name
-        return None
+    def writes(self) -> Writes:
+        return Writes(self.json_names)
 
     def _write_statement(self, names: tuple[str, ...]) -> Statement:
         cached = self._writes.get(names)
@@ -240,28 +224,70 @@ class TableScan:
             self._writes[names] = cached
         return cached
 
-    def encode(self, name: str, value: Any) -> Any:
-        return _encode_json(value) if name in self.json_names else value
-
-    def write(self, conn: sa.Connection, changes: list[tuple[Key, dict[str, Any]]]) -> None:
-        """Write every changed row: one prepared statement per set of changed columns, executed
-        by the driver over the whole batch (SQLite has no round trip to save beyond that)."""
-        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-        for key, values in changes:
-            names = tuple(values)
-            encoded = tuple(self.encode(n, values[n]) for n in names)
-            groups.setdefault(names, []).append(encoded + key)
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
-        raw = dbapi.cursor()
+    def write(self, conn: sa.Connection, writes: Writes) -> None:
+        """Write every changed row, a group of rows changing the same columns at a time."""
+        raw = _driver(conn).cursor()
         try:
-            for names, rows in groups.items():
+            for names, rows in writes.groups.items():
+                if self.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
+                    self._write_joined(raw, names, rows)
+                    continue
                 statement = self._write_statement(names)
                 if statement.order is not None or statement.constants:
                     rows = [statement.params(row) for row in rows]
                 raw.executemany(statement.sql, rows)
         finally:
             raw.close()
+
+    def _write_joined(self, raw: Any, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """SQLite: one `UPDATE ... FROM (VALUES ...)` per few hundred rows. As fast as
+        `executemany` alone, and it runs in one driver call, which releases the GIL for the
+        whole statement: `executemany` takes the GIL back after every row, and would wait for
+        it each time while the next batch is being decided in the other thread."""
+        width = len(names) + self.key_width
+        limit = raw.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        step = max(1, min(_ROWS_PER_STATEMENT, limit // width))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            raw.execute(self._joined_sql(names, len(chunk)), list(chain.from_iterable(chunk)))
+
+    def _joined_sql(self, names: tuple[str, ...], count: int) -> str:
+        cached = self._joined.get((names, count))
+        if cached is None:
+            quote = self.dialect.identifier_preparer.quote
+            table = self.dialect.identifier_preparer.format_table(self.migration.table)
+            keys = [c.name for c in self.migration.key]
+            columns = [f"v{i}" for i in range(len(names))] + [f"k{i}" for i in range(len(keys))]
+            row = "(" + ", ".join("?" * len(columns)) + ")"
+            sets = ", ".join(f"{quote(n)} = _changes.v{i}" for i, n in enumerate(names))
+            match = " AND ".join(f"{table}.{quote(k)} = _changes.k{i}" for i, k in enumerate(keys))
+            cached = (
+                f"WITH _changes({', '.join(columns)}) AS (VALUES {', '.join([row] * count)}) "
+                f"UPDATE {table} SET {sets} FROM _changes WHERE {match}"
+            )
+            if len(self._joined) < 64:  # a few sizes recur (full chunks); others are one-offs
+                self._joined[(names, count)] = cached
+        return cached
+
+
+def _has_triggers(conn: sa.Connection, migration: Migration) -> bool:
+    table = migration.table
+    if table.schema is not None:
+        return True  # an attached database: do not guess, assume the worst
+    raw = _driver(conn).cursor()
+    try:
+        found = raw.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table.name,)
+        ).fetchone()
+    finally:
+        raw.close()
+    return found is not None
+
+
+def _driver(conn: sa.Connection) -> Any:
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    return dbapi
 
 
 def check_table(engine: sa.Engine, migration: Migration) -> None:

@@ -1,0 +1,220 @@
+"""A run's batches: one transaction each, and the next batch made ready while one commits.
+
+The runner drives the loop (lease, signals, progress events, pauses) and calls `Batches.next`;
+this module owns what happens inside and between the transactions. It knows nothing of the CLI.
+
+Where the store can tell that no other connection committed in between (SQLite), the next
+batch is read and decided on a second connection while a thread writes and commits the current
+one (SQLite does that with the GIL released), and the next transaction takes that work instead
+of reading again: Python work and SQLite's I/O overlap. Otherwise, or when in doubt, each
+transaction reads its own rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os as _os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+
+from backfill.batch import Ahead, OnError, Outcome, decide
+from backfill.definition import Migration
+from backfill.errors import LeaseLost
+from backfill.pacing import Clock
+from backfill.progress import MigrationStatus
+from backfill.state import State
+from backfill.store import records
+from backfill.store.database import Database
+from backfill.store.records import Key, encode_key
+from backfill.store.scan import Snapshot, TableScan
+
+GIL_HANDOFF_SECONDS = float(_os.environ.get("BF_GIL", "0.0005"))
+
+
+@dataclass(frozen=True)
+class Batch:
+    done: bool
+
+
+class Batches:
+    """The batch transactions of one run that holds the lease at `generation`."""
+
+    def __init__(
+        self,
+        db: Database,
+        migration: Migration,
+        generation: int,
+        record: records.Record,
+        size: int,
+        policy: OnError,
+        clock: Clock,
+    ) -> None:
+        self.db = db
+        self.migration = migration
+        self.size = size
+        self.policy = policy
+        self.clock = clock
+        self.scan = TableScan(db.engine, migration)
+        self.ledger = records.Ledger(db.engine.dialect, migration.name, generation)
+        self.progress = _Progress(record)
+        self._ahead: Ahead | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Batches:
+        # One connection for every batch transaction (a snapshot token is only comparable on
+        # the same connection), one to read ahead on, and one thread that writes and commits.
+        stack = self._stack
+        self._conn = stack.enter_context(self.db.engine.connect())
+        self._reader = stack.enter_context(self.db.engine.connect())
+        self._committer = stack.enter_context(
+            ThreadPoolExecutor(1, thread_name_prefix=f"commit-{self.migration.name}")
+        )
+        stack.enter_context(_interpreter_tuned())
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.close()
+
+    def status(self) -> MigrationStatus:
+        """As of the last commit of this run, without asking the database."""
+        return records.Record(self.progress.values).status(State.IN_PROGRESS)
+
+    def next(self) -> Batch | None:
+        """One transaction: rows, changes, skipped rows and the cursor commit together, and only
+        while this runner still owns the migration. None when a cancel was requested; RowFailed
+        under OnError.FAIL (nothing of the batch is kept); LeaseLost when taken over."""
+        conn, scan, progress, name = self._conn, self.scan, self.progress, self.migration.name
+        ahead, self._ahead = self._ahead, None
+        transaction = conn.begin()
+        try:
+            owned, cancel_requested = self.ledger.check(conn)
+            if not owned:
+                raise lease_lost(name)
+            if cancel_requested:
+                transaction.rollback()
+                return None
+            snapshot = scan.snapshot(conn)
+            outcome = None if ahead is None else ahead.take(progress.cursor, snapshot)
+            if outcome is None:
+                rows = scan.read(conn, progress.cursor, self.size)
+                outcome = decide(self.migration, rows, self.policy, writes=scan.writes())
+            now = self.clock()
+            records.record_skipped(
+                conn,
+                name,
+                [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped],
+                now,
+            )
+            values = progress.after(outcome)
+            values.update(updated_at=now, heartbeat_at=now)
+            done = outcome.processed < self.size
+            if done:
+                values.update(state=str(State.SUCCESS), finished_at=now, heartbeat_at=None)
+            if not self.ledger.advance(conn, values):
+                raise lease_lost(name)
+            if done or snapshot is None or not scan.may_read_ahead(outcome.writes):
+                _write_and_commit(conn, scan, outcome, transaction)
+            else:
+                committing = self._committer.submit(
+                    _write_and_commit, conn, scan, outcome, transaction
+                )
+                try:
+                    self._ahead = self._read_ahead(_Progress.decode(values["cursor"]), snapshot)
+                finally:
+                    committing.result()  # the commit's own error, if any, wins
+        except BaseException:
+            self._ahead = None
+            if transaction.is_active:
+                transaction.rollback()
+            raise
+        progress.commit(values)
+        return Batch(done)
+
+    def _read_ahead(self, cursor: Key | None, snapshot: Snapshot) -> Ahead | None:
+        try:
+            # One SELECT outside any transaction: SQLite reads it from one snapshot.
+            rows = self.scan.read(self._reader, cursor, self.size)
+        except Exception:  # noqa: BLE001 - the next transaction reads again and reports it
+            return None
+        writes = self.scan.writes()
+        return Ahead.decide(self.migration, rows, self.policy, writes, cursor, snapshot)
+
+
+class _Progress:
+    """The run's `_migrations` row as last committed; `after` proposes the next values."""
+
+    def __init__(self, record: records.Record) -> None:
+        self.values = dict(record.values)
+        self.cursor: Key | None = record.cursor
+
+    def after(self, outcome: Outcome) -> dict[str, Any]:
+        v = self.values
+        return {
+            "processed": v["processed"] + outcome.processed,
+            "changed": v["changed"] + outcome.changed,
+            "skipped_errors": v["skipped_errors"] + len(outcome.skipped),
+            "kept": v["kept"] + len(outcome.kept),
+            "cursor": v["cursor"] if outcome.last_key is None else encode_key(outcome.last_key),
+        }
+
+    def commit(self, values: dict[str, Any]) -> None:
+        self.values.update(values)
+        self.cursor = self.decode(values["cursor"])
+
+    @staticmethod
+    def decode(cursor: str | None) -> Key | None:
+        # The cursor as a resumed run reads it back, so both walk the same keys.
+        return None if cursor is None else tuple(json.loads(cursor))
+
+
+def _write_and_commit(
+    conn: sa.Connection, scan: TableScan, outcome: Outcome, transaction: sa.RootTransaction
+) -> None:
+    if outcome.writes is not None and outcome.changes:
+        scan.write(conn, outcome.writes)
+    transaction.commit()
+
+
+@contextmanager
+def _interpreter_tuned() -> Iterator[None]:
+    """Two interpreter settings for the length of a run, both measured on the flagship:
+
+    - the garbage collector leaves alone the objects that exist before the run (modules,
+      SQLAlchemy metadata: hundreds of thousands). Each batch's rows outlive a young collection
+      or two, and the full collections they trigger walked that whole heap again and again, a
+      tenth of the run. Not done if the application froze objects itself;
+    - threads hand the GIL over after 0.5 ms instead of 5: the commit thread needs it back
+      after each SQLite call, and waited up to 5 ms each time while the main thread decided
+      the next batch, which made the commit, not the Python work, set the pace.
+    """
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, GIL_HANDOFF_SECONDS))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        if freeze:
+            gc.unfreeze()
+
+
+def lease_lost(name: str) -> LeaseLost:
+    return LeaseLost(
+        f"migration {name!r}: this runner lost its lease to another runner; "
+        "it committed nothing more"
+    )

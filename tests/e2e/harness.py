@@ -1,0 +1,353 @@
+"""Helpers for the end-to-end tests: the real `backfill` CLI in subprocesses over one SQLite file.
+
+A `Harness` owns a database file in tmp_path seeded with the `apps.counting` table, starts runners
+in the background (output to files, so a full pipe never blocks them), runs short commands to
+completion, and reads the database directly with sqlite3 to see what was committed. Every process
+it started is killed and reaped when the test ends, even a stopped one.
+
+(Not a conftest.py: tests/conftest.py is imported as the module `conftest`, which a second
+conftest.py in this directory would shadow.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from apps.counting import NAME, create_items
+from conftest import backfill_command, cli_env
+
+APP = "apps.counting:migrations"
+HOST = socket.gethostname()
+T = TypeVar("T")
+
+
+def expected_derived(source: str) -> str:
+    """The test's own statement of what `derive` must write (independent of the app's code)."""
+    reversed_upper = "".join(reversed(source)).upper()
+    return reversed_upper + "#" + str(len(source))
+
+
+@dataclass
+class Proc:
+    """A backgrounded `backfill` process whose output goes to files."""
+
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    args: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.args} did not exit within {timeout}s\n{self.output()}"
+            ) from None
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def output(self) -> str:
+        return f"--- stdout ---\n{self.stdout()}\n--- stderr ---\n{self.stderr()}"
+
+
+@dataclass
+class Harness:
+    tmp_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every command
+    procs: list[Proc] = field(default_factory=list)
+    # Held by this process's own writers (AppTraffic) and probes, so a probe never takes this
+    # process's own transaction for a runner's.
+    own_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def db_path(self) -> Path:
+        return self.tmp_path / "items.db"
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.db_path}"
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def seed(self, count: int, seed: int = 0) -> dict[int, str]:
+        """Create `count` unmigrated items; returns {id: source} as stored, read back."""
+        engine = sa.create_engine(self.url)
+        try:
+            create_items(engine, count, seed=seed)
+        finally:
+            engine.dispose()
+        sources = {i: s for i, s, _, _ in self.items()}
+        assert len(sources) == count
+        return sources
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _command(self, *args: str) -> list[str]:
+        return backfill_command(*args, "--app", APP, "--database-url", self.url)
+
+    def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        return cli_env(**self.env, **(extra or {}))
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Proc:
+        """Start `backfill ARGS` in the background."""
+        n = len(self.procs)
+        out, err = self.tmp_path / f"proc{n}.out", self.tmp_path / f"proc{n}.err"
+        command = self._command(*args)
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            popen = subprocess.Popen(
+                command,
+                stdout=stdout,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                cwd=self.tmp_path,
+                env=self._env(env),
+            )
+        proc = Proc(popen, out, err, command)
+        self.procs.append(proc)
+        return proc
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `backfill ARGS` to completion."""
+        return subprocess.run(
+            self._command(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.tmp_path,
+            env=self._env(env),
+            stdin=subprocess.DEVNULL,
+        )
+
+    def status(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """`backfill status derive --json` for the test migration."""
+        done = self.cli("status", NAME, "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)[NAME]
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.running():
+                proc.send(signal.SIGCONT)
+                proc.send(signal.SIGKILL)
+            proc.popen.wait(timeout=30)
+
+    # -- looking at the database --------------------------------------------------------------
+
+    @contextmanager
+    def sqlite(self, timeout: float = 10) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.db_path, timeout=timeout)) as conn:
+            conn.row_factory = sqlite3.Row
+            yield conn
+
+    def record(self) -> dict[str, Any] | None:
+        """The committed `_migrations` row of the test migration (None before the first run)."""
+        with self.sqlite() as conn:
+            try:
+                row = conn.execute("SELECT * FROM _migrations WHERE name = ?", (NAME,)).fetchone()
+            except sqlite3.OperationalError as error:
+                if "no such table" in str(error):
+                    return None
+                raise
+        return None if row is None else dict(row)
+
+    def items(self) -> list[tuple[int, str, str | None, int]]:
+        with self.sqlite() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute("SELECT id, source, derived, counter FROM items ORDER BY id")
+            ]
+
+    def snapshot(self) -> tuple[list[Any], dict[str, Any] | None]:
+        """Everything a runner could write: the items and the migration's record."""
+        return self.items(), self.record()
+
+    def write_locked(self) -> bool:
+        """True when some connection holds the write lock (a runner inside a transaction).
+
+        Takes the lock for an instant when it is free (and commits nothing)."""
+        with self.own_lock:
+            conn = sqlite3.connect(self.db_path, timeout=0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                if "locked" in str(error) or "busy" in str(error):
+                    return True
+                raise
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+        return False
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def assert_prefix_migrated(self) -> dict[str, Any]:
+        """Committed state is atomic: rows up to the cursor are migrated exactly once, the rest
+        untouched, and `processed` counts exactly the rows up to the cursor."""
+        record = self.record()
+        assert record is not None
+        cursor = None if record["cursor"] is None else json.loads(record["cursor"])[0]
+        upto = 0 if cursor is None else cursor
+        rows = self.items()
+        done = [r for r in rows if r[0] <= upto]
+        rest = [r for r in rows if r[0] > upto]
+        assert all(r[2] == expected_derived(r[1]) and r[3] == 1 for r in done), [
+            r for r in done if r[2] != expected_derived(r[1]) or r[3] != 1
+        ][:5]
+        assert all(r[2] is None and r[3] == 0 for r in rest), [
+            r for r in rest if r[2] is not None or r[3] != 0
+        ][:5]
+        assert record["processed"] == len(done) == record["changed"], record
+        return record
+
+    def assert_all_migrated_once(self, sources: dict[int, str]) -> None:
+        """Every row holds what the test expects, with counter exactly 1, and the counters agree."""
+        rows = self.items()
+        assert [r[0] for r in rows] == sorted(sources)
+        wrong = [
+            r for r in rows if r[1] != sources[r[0]] or r[2] != expected_derived(r[1]) or r[3] != 1
+        ]
+        assert not wrong, f"{len(wrong)} rows wrong, e.g. {wrong[:5]}"
+        record = self.record()
+        assert record is not None
+        assert record["state"] == "success", record
+        assert record["processed"] == record["total"] == record["changed"] == len(sources), record
+
+
+class AppTraffic:
+    """The application at work during the migration: a small committed write to its own table
+    every few milliseconds, skipped (never waited for) while a runner holds the write lock.
+
+    Besides being what an online migration meets, it means a runner cannot trust anything it
+    read or decided before its batch transaction began: it reads and decides inside it."""
+
+    def __init__(self, h: Harness, interval: float = 0.005) -> None:
+        self._h = h
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, name="app-traffic", daemon=True)
+        self.commits = 0
+        with h.sqlite() as conn, conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS app_log (id INTEGER PRIMARY KEY, at REAL)")
+
+    def __enter__(self) -> AppTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _write(self) -> None:
+        conn = sqlite3.connect(self._h.db_path, timeout=0, isolation_level=None)
+        try:
+            while not self._stop.wait(self._interval):
+                with self._h.own_lock:
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    except sqlite3.OperationalError:
+                        continue  # a runner is inside a batch; try again later
+                    conn.execute("INSERT INTO app_log (at) VALUES (?)", (time.time(),))
+                    conn.execute("COMMIT")
+                    self.commits += 1
+        finally:
+            conn.close()
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    what: str,
+    *,
+    timeout: float = 30,
+    interval: float = 0.02,
+    procs: tuple[Proc, ...] = (),
+) -> T:
+    """Poll until `predicate()` is truthy; fail (with the processes' output) on the deadline or
+    when one of `procs` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for proc in procs:
+            if not proc.running():
+                raise AssertionError(
+                    f"waiting for {what}: {proc.args} exited with {proc.popen.returncode}\n"
+                    f"{proc.output()}"
+                )
+        if time.monotonic() > deadline:
+            details = "\n".join(p.output() for p in procs)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{details}")
+        time.sleep(interval)
+
+
+def committed_by(h: Harness, proc: Proc, more_than: int) -> Callable[[], dict[str, Any] | None]:
+    """A predicate: `proc` holds the migration and has committed beyond `more_than` rows."""
+
+    def check() -> dict[str, Any] | None:
+        record = h.record()
+        if (
+            record is not None
+            and record["runner_pid"] == proc.pid
+            and record["state"] == "inProgress"
+            and record["processed"] > more_than
+        ):
+            return record
+        return None
+
+    return check
+
+
+def pid_exited_unreaped(pid: int, timeout: float = 30) -> None:
+    """Wait until the child `pid` has died, leaving it a zombie (not reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is not None:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die within {timeout}s")
+
+
+__all__ = [
+    "APP",
+    "AppTraffic",
+    "HOST",
+    "NAME",
+    "Harness",
+    "Proc",
+    "committed_by",
+    "expected_derived",
+    "pid_exited_unreaped",
+    "wait_for",
+]

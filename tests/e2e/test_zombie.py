@@ -1,0 +1,101 @@
+"""A zombie runner: stopped long enough to lose its lease, taken over, then revived.
+
+Runner A is frozen with SIGSTOP (outside any transaction: a runner frozen inside its write
+transaction would hold SQLite's write lock and block everyone, which is not the case under test).
+Once its lease has expired, runner B takes the migration over. When A is revived it must notice it
+lost the lease and exit without writing a single row or counter.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from harness import HOST, NAME, Harness, Proc, committed_by, wait_for
+
+LEASE = "1.5"
+ROWS = 600
+BATCH = "20"
+SLOW = {"COUNTING_ROW_DELAY": "0.002"}
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path, env={"BACKFILL_LEASE_SECONDS": LEASE})
+    yield harness
+    harness.cleanup()
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def freeze_outside_transaction(h: Harness, proc: Proc, timeout: float = 30) -> None:
+    """SIGSTOP `proc` at a moment it holds no write lock (retrying while it does)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.running(), proc.output()
+        proc.send(signal.SIGSTOP)
+        wait_for(lambda: _process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
+        if not h.write_locked():
+            return
+        proc.send(signal.SIGCONT)
+        time.sleep(random.uniform(0.01, 0.08))
+    raise AssertionError(f"could not stop pid {proc.pid} outside a transaction\n{proc.output()}")
+
+
+@pytest.mark.parametrize("takeover", ["finished", "holding"])
+def test_revived_zombie_runner_commits_nothing(h, takeover):
+    sources = h.seed(ROWS)
+    a = h.start("run", NAME, "--batch-size", BATCH, "--pause", "0.3", env=SLOW)
+    wait_for(committed_by(h, a, 2 * int(BATCH)), "runner A to commit batches", procs=(a,))
+    freeze_outside_transaction(h, a)
+    frozen = h.record()
+    assert frozen is not None and 0 < frozen["processed"] < ROWS
+
+    # A is alive but silent: once its heartbeat is older than the lease, it is interrupted.
+    status = wait_for(
+        lambda: (s := h.status())["state"] == "interrupted" and s,
+        "A's lease to expire",
+        interval=0.2,
+    )
+    assert status["runner"] == {"host": HOST, "pid": a.pid}
+    assert a.running()  # stopped, not dead: only the lease says it is gone
+
+    if takeover == "finished":
+        b = h.cli("run", NAME, "--batch-size", BATCH, timeout=60)
+        assert b.returncode == 0, b.stderr
+        assert h.record()["state"] == "success"
+    else:
+        b = h.start("run", NAME, "--batch-size", BATCH, "--pause", "0.1", env=SLOW)
+        wait_for(
+            committed_by(h, b, frozen["processed"] + int(BATCH)),
+            "runner B to take over and commit",
+            procs=(b,),
+        )
+        # Freeze B too, so that nothing but A can write while A is revived.
+        freeze_outside_transaction(h, b)
+    taken = h.record()
+    assert taken["generation"] > frozen["generation"]
+    assert taken["processed"] > frozen["processed"]
+
+    before = h.snapshot()
+    a.send(signal.SIGCONT)
+    code = a.wait(timeout=60)
+    assert code == 2, a.output()
+    assert "lost its lease" in a.stderr() and NAME in a.stderr(), a.output()
+    assert "Traceback" not in a.stderr()
+    assert h.snapshot() == before, "the revived runner wrote after losing its lease"
+
+    if takeover == "holding":
+        assert h.record()["runner_pid"] == b.pid
+        b.send(signal.SIGCONT)
+        assert b.wait(timeout=60) == 0, b.output()
+
+    assert max(r[3] for r in h.items()) == 1
+    h.assert_all_migrated_once(sources)
+    final = h.status()
+    assert final["state"] == "success" and final["runner"] is None

@@ -1,0 +1,136 @@
+"""The next batch is read and decided while the current one commits (SQLite); it may only be used
+when nothing else committed in between. These tests commit in between, from the progress
+listener (called after a batch commits, when the next batch has already been read ahead), as the
+application would from another connection, and check that no stale work is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from backfill import Migrations, Runner, State
+from chat_migrations import derive_parts
+from conftest import rows
+
+BATCH = 100
+
+
+def app_write(db_path: str, sql: str, *params: object) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute(sql, params)
+    finally:
+        conn.close()
+
+
+def path_of(db) -> str:
+    return db.engine.url.database
+
+
+def test_an_edit_after_the_read_ahead_is_migrated_from_the_edited_row(seeded, runner):
+    db = seeded(3 * BATCH)
+    edited = BATCH + 50  # in the second batch, read ahead while the first one commits
+
+    def edit_once(status):
+        if status.processed == BATCH:
+            app_write(
+                path_of(db),
+                "UPDATE messages SET body = 'edited', thinking_content = NULL WHERE id = ?",
+                edited,
+            )
+
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=edit_once)
+
+    assert result.state is State.SUCCESS and result.status.changed == 3 * BATCH
+    [(parts,)] = rows(db.engine, f"SELECT parts FROM messages WHERE id = {edited}")
+    assert json.loads(parts) == [{"type": "text", "text": "edited"}]
+
+
+def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, runner):
+    db = seeded(3 * BATCH)
+    dual_written = BATCH + 1
+    new_parts = [{"type": "text", "text": "written by the new code"}]
+
+    def dual_write_once(status):
+        if status.processed == BATCH:
+            app_write(
+                path_of(db),
+                "UPDATE messages SET parts = ? WHERE id = ?",
+                json.dumps(new_parts),
+                dual_written,
+            )
+
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=dual_write_once)
+
+    assert result.state is State.SUCCESS
+    assert result.status.changed == 3 * BATCH - 1
+    [(parts,)] = rows(db.engine, f"SELECT parts FROM messages WHERE id = {dual_written}")
+    assert json.loads(parts) == new_parts
+
+
+def test_every_batch_is_written_exactly_once_across_read_aheads(seeded, runner):
+    db = seeded(10 * BATCH + 7)
+    before = rows(db.engine, "SELECT id, body, thinking_content FROM messages ORDER BY id")
+
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=lambda status: None)
+
+    assert (result.status.processed, result.status.changed) == (10 * BATCH + 7,) * 2
+    after = dict(rows(db.engine, "SELECT id, parts FROM messages"))
+    for message_id, body, thinking in before:
+        assert json.loads(after[message_id]) == derive_parts(body, thinking)
+    [again] = runner.run(["body_to_parts"], restart=True)
+    assert (again.status.processed, again.status.changed) == (10 * BATCH + 7, 0)
+
+
+# -- values that cannot be stored as JSON are errors on their own row -------------------------
+
+documents = sa.Table(
+    "documents",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("doc", sa.JSON),
+)
+storing = Migrations()
+
+
+@storing.migration(table=documents, batch_size=4)
+def fill(row):
+    if row["id"] == 6:
+        return {"doc": {"ratio": math.nan}}
+    if row["id"] == 7:
+        return {"doc": {"when": object()}}
+    return {"doc": {"id": row["id"]}}
+
+
+@pytest.fixture
+def documents_db(db):
+    documents.create(db.engine)
+    with db.engine.begin() as conn:
+        conn.execute(documents.insert(), [{"id": i} for i in range(1, 11)])
+    return db
+
+
+def test_an_unstorable_value_fails_its_row_naming_the_field(documents_db):
+    [result] = Runner(documents_db, storing).run(["fill"])
+
+    assert result.state is State.FAILED
+    assert result.error is not None
+    assert (result.error.row_id, result.error.field) == (6, "doc")
+    assert "JSON" in result.error.message
+    stored = rows(documents_db.engine, "SELECT id, doc FROM documents ORDER BY id")
+    assert [doc for _, doc in stored[4:]] == [None] * 6  # the failing batch rolled back whole
+
+
+def test_unstorable_values_are_skipped_and_the_rest_written(documents_db):
+    [result] = Runner(documents_db, storing).run(["fill"], on_error="skip")
+
+    assert result.state is State.SUCCESS
+    assert (result.status.changed, result.status.skipped_errors) == (8, 2)
+    stored = dict(rows(documents_db.engine, "SELECT id, doc FROM documents"))
+    assert stored[6] is None and stored[7] is None  # SQL NULL, never the text 'NaN'
+    assert json.loads(stored[5]) == {"id": 5}

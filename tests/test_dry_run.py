@@ -64,7 +64,7 @@ def test_dry_run_persists_nothing_and_reports_samples(seeded, runner):
     assert result.state is State.PENDING and result.status.processed == 0
     assert snapshot(db)["messages"] == messages_before
     assert engine_tables(db) == engine_before
-    assert rows(db.engine, "SELECT count(*) FROM _migrations") == [(0,)]
+    assert "_migrations" not in sa.inspect(db.engine).get_table_names()
     assert runner.status()["body_to_parts"].state is State.PENDING
     assert runner.count("body_to_parts").remaining == ROWS
 
@@ -254,3 +254,13 @@ def test_cli_refuses_fewer_than_one_dry_run_batch(seeded, cli, batches):
     refused = cli("run", "body_to_parts", "--dry-run", "--dry-run-batches", batches)
     assert refused.returncode == 2
     assert "Traceback" not in refused.stderr
+
+
+def test_dry_run_and_status_on_a_fresh_database_create_no_tables(seeded, runner):
+    db = seeded(50)
+    before = set(sa.inspect(db.engine).get_table_names())
+    [result] = runner.run(["body_to_parts"], dry_run=True)
+    assert result.dry_run is not None and result.dry_run.would_change == 50
+    assert runner.status()["body_to_parts"].state is State.PENDING
+    assert runner.verify("body_to_parts").remaining == 50
+    assert set(sa.inspect(db.engine).get_table_names()) == before

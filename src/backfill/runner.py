@@ -127,9 +127,9 @@ class Runner:
 
     def status(self, names: Sequence[str] = ()) -> dict[str, MigrationStatus]:
         wanted = [self.migrations[n].name for n in names] or self.migrations.names()
-        self.db.ensure_schema()
+        # Reading creates nothing: without the engine's tables every migration is pending.
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            stored = records.load_all(conn)
+            stored = records.load_all(conn) if records.tables_exist(conn) else {}
         report = {}
         for name in wanted:
             record = stored.get(name)
@@ -143,9 +143,8 @@ class Runner:
 
     def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
         self.migrations[name]
-        self.db.ensure_schema()
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            return records.skipped_rows(conn, name, limit)
+            return records.skipped_rows(conn, name, limit) if records.tables_exist(conn) else []
 
     # -- control ------------------------------------------------------------------------------
 
@@ -269,7 +268,8 @@ class Runner:
         policy = OnError(on_error)
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch size must be at least 1")
-        self.db.ensure_schema()
+        if not dry_run:  # a dry run persists nothing, not even the engine's tables
+            self.db.ensure_schema()
         results = []
         for migration in chosen:
             with self.db.unavailable_as_error():
@@ -409,7 +409,9 @@ class Runner:
         with self.db.engine.connect() as conn:
             transaction = conn.begin()
             try:
-                record = records.load(conn, migration.name)
+                record = (
+                    records.load(conn, migration.name) if records.tables_exist(conn) else None
+                )
                 observed = self._observed(record)
                 cursor = record.cursor if record and observed is not State.SUCCESS else None
                 rows_seen = changed = skipped = kept = done_batches = 0

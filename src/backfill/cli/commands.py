@@ -203,8 +203,9 @@ def _report(results: list[RunResult], as_json: bool, started: float) -> None:
             if s.skipped_errors or s.kept:
                 render.out.print(f"  see `backfill verify {result.name}` for the rows left")
         if result.error is not None:
+            # stderr carries the one sentence; the advice is ordinary output.
             render.err.print(f"backfill: {result.error}", soft_wrap=True)
-            render.err.print(
+            render.out.print(
                 f"  fix the row, then `backfill run {result.name}` resumes at "
                 "this batch (or use --on-error skip)"
             )

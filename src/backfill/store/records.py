@@ -80,6 +80,10 @@ def row_id(key: Key) -> Any:
     return key[0] if len(key) == 1 else list(key)
 
 
+def tables_exist(conn: sa.Connection) -> bool:
+    return sa.inspect(conn).has_table(migrations.name)
+
+
 def load(conn: sa.Connection, name: str) -> Record | None:
     row = conn.execute(sa.select(migrations).where(migrations.c.name == name)).mappings().first()
     return None if row is None else Record(dict(row))

@@ -1,7 +1,7 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
 from backfill.batch import OnError
-from backfill.definition import DELETE, Keep, Migration, Migrations, Prerequisite, Row
+from backfill.definition import DELETE, Keep, Migration, Migrations, Prerequisite, Row, SqlChange
 from backfill.errors import (
     BackfillError,
     BadValue,
@@ -43,6 +43,7 @@ __all__ = [
     "RunResult",
     "Runner",
     "SchemaMismatch",
+    "SqlChange",
     "State",
     "UnknownMigration",
     "Verification",

@@ -49,10 +49,12 @@ class Outcome:
     samples: list[Sample] = field(default_factory=list)
     # The changes encoded for the driver, when decide was given somewhere to encode them.
     writes: Writes | None = None
+    # Rows the batch changed in the database itself (a declared SqlChange), not one by one.
+    changed_in_database: int = 0
 
     @property
     def changed(self) -> int:
-        return len(self.changes)
+        return len(self.changes) + self.changed_in_database
 
 
 def _failure(migration: Migration, key: Key, error: Exception) -> RowFailed:

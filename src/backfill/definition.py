@@ -60,6 +60,45 @@ class Prerequisite:
 
 
 @dataclass(frozen=True)
+class SqlChange:
+    """The migration function said in SQL, for one dialect: what it writes and where.
+
+    `values` maps each column the function writes to a SQLAlchemy Core expression over the
+    row's current columns; `where` is the predicate of exactly the rows the function changes.
+    The engine then updates each batch in the database (`UPDATE ... SET <values> WHERE <key in
+    the batch's locked range> AND <where>`) instead of reading its rows into Python. Same
+    transactions, cursor, locks and lease checks; `changed` counts the rows `where` selects.
+
+    The function stays the truth: `verify`, `count`, dry runs and readers' fallbacks run it,
+    and a batch the database rejects (a cast that fails on bad input) is done again through
+    it, so a bad row is named, or recorded under `--on-error skip`, exactly as without SQL. A
+    migration must declare only what it has shown equivalent on its data (a test comparing
+    both paths); rows it would `Keep` cannot be told apart in SQL.
+    """
+
+    values: Mapping[str, Any]
+    where: Any  # a boolean SQLAlchemy expression; sa.true() for every row in the range
+    # Rows per batch when batches are decided in the database (no Python per row, so larger
+    # batches pay off); None: the migration's batch_size. `run --batch-size` overrides both.
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("SqlChange needs at least one column in `values`")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.where is None:
+            raise ValueError(
+                "SqlChange needs `where`, the rows the function changes (sa.true() for all)"
+            )
+
+
+# Per dialect name ("postgresql", "sqlite"): a SqlChange, or a function of the migration's
+# table that returns one (built when first needed; handy for `table.c.<name>`).
+SqlChanges = Mapping[str, SqlChange | Callable[[sa.Table], SqlChange]]
+
+
+@dataclass(frozen=True)
 class Migration:
     name: str
     table: sa.Table
@@ -69,6 +108,40 @@ class Migration:
     columns: tuple[str, ...] = ()
     requires: Prerequisite | None = None
     description: str = ""
+    sql: SqlChanges = field(default_factory=dict, hash=False, compare=False)
+
+    def default_batch_size(self, dialect: str, *, sql: bool = True) -> int:
+        """Rows per batch unless the run says otherwise: the SqlChange's own when batches on
+        `dialect` are decided in the database (`sql`), else the migration's."""
+        change = self.sql_change(dialect) if sql else None
+        if change is not None and change.batch_size is not None:
+            return change.batch_size
+        return self.batch_size
+
+    def sql_change(self, dialect: str) -> SqlChange | None:
+        """The declared SQL equivalent for `dialect`, checked against the table; None if none."""
+        declared = self.sql.get(dialect)
+        if declared is None:
+            return None
+        change = declared if isinstance(declared, SqlChange) else declared(self.table)
+        if not isinstance(change, SqlChange):
+            raise TypeError(
+                f"migration {self.name!r}: sql[{dialect!r}] returned "
+                f"{type(change).__name__}, not a SqlChange"
+            )
+        keys = {c.name for c in self.key}
+        for column in change.values:
+            if column not in self.table.c:
+                raise ValueError(
+                    f"migration {self.name!r}: sql[{dialect!r}] writes {column!r}, "
+                    f"which is not a column of table {self.table.name!r}"
+                )
+            if column in keys:
+                raise ValueError(
+                    f"migration {self.name!r}: sql[{dialect!r}] may not write key column "
+                    f"{column!r} (batches are ranges of the key)"
+                )
+        return change
 
     @property
     def key(self) -> tuple[sa.Column[Any], ...]:
@@ -96,8 +169,10 @@ class Migrations:
         name: str | None = None,
         columns: Sequence[str] = (),
         requires: Prerequisite | None = None,
+        sql: SqlChanges | None = None,
     ) -> Callable[[MigrationFunction], MigrationFunction]:
-        """Register the decorated function as a migration over `table`."""
+        """Register the decorated function as a migration over `table`; `sql` optionally
+        says the same change in SQL per dialect (see SqlChange)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not table.primary_key.columns:
@@ -110,7 +185,7 @@ class Migrations:
             for column in columns:
                 if column not in table.c:
                     raise ValueError(f"table {table.name!r} has no column {column!r}")
-            self._by_name[migration_name] = Migration(
+            migration = Migration(
                 name=migration_name,
                 table=table,
                 function=function,
@@ -118,7 +193,12 @@ class Migrations:
                 columns=tuple(columns),
                 requires=requires,
                 description=(function.__doc__ or "").strip().split("\n")[0],
+                sql=dict(sql or {}),
             )
+            for dialect, declared in migration.sql.items():
+                if isinstance(declared, SqlChange):
+                    migration.sql_change(dialect)  # checked now; a function is checked when used
+            self._by_name[migration_name] = migration
             return function
 
         return register

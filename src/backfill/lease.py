@@ -95,6 +95,7 @@ def enter(
     scan: str,
     total: int | None,
     batch_size: int,
+    total_is_estimate: bool = False,
 ) -> tuple[int, Record] | None:
     """Claim the migration for this runner. None when it already succeeded and no restart."""
     refuse_if_held(db, name, now=now, lease=lease, me=me)
@@ -131,6 +132,7 @@ def enter(
             error_row_id=None,
             error_field=None,
             total=total,
+            total_is_estimate=total_is_estimate,
             batch_size=batch_size,
         )
         records.update(conn, name, record.generation, **values)

@@ -16,9 +16,10 @@ import gc
 import json
 import os as _os
 import sys
+import time as _time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -30,9 +31,11 @@ from backfill.definition import Migration
 from backfill.errors import LeaseLost
 from backfill.pacing import Clock
 from backfill.progress import MigrationStatus
+from backfill.retry import Transient
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
+from backfill.store.expression import Rejected, SqlBatch
 from backfill.store.records import Key, encode_key
 from backfill.store.scan import Snapshot, TableScan
 
@@ -56,6 +59,8 @@ class Batches:
         size: int,
         policy: OnError,
         clock: Clock,
+        *,
+        sql: bool = True,
     ) -> None:
         self.db = db
         self.migration = migration
@@ -65,6 +70,9 @@ class Batches:
         self.scan = TableScan(db.engine, migration)
         self.ledger = records.Ledger(db.engine.dialect, migration.name, generation)
         self.progress = _Progress(record)
+        # The migration's declared SQL for this dialect, unless the run asked for Python only.
+        self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
+        self._timings: Any = None  # BACKFILL_BATCH_TIMINGS: a file, one line per batch
         self._ahead: Ahead | None = None
         self._stack = ExitStack()
 
@@ -78,6 +86,8 @@ class Batches:
             ThreadPoolExecutor(1, thread_name_prefix=f"commit-{self.migration.name}")
         )
         stack.enter_context(_interpreter_tuned())
+        if _os.environ.get("BACKFILL_BATCH_TIMINGS"):
+            self._timings = stack.enter_context(open(_os.environ["BACKFILL_BATCH_TIMINGS"], "a"))
         return self
 
     def __exit__(
@@ -95,10 +105,26 @@ class Batches:
     def next(self) -> Batch | None:
         """One transaction: rows, changes, skipped rows and the cursor commit together, and only
         while this runner still owns the migration. None when a cancel was requested; RowFailed
-        under OnError.FAIL (nothing of the batch is kept); LeaseLost when taken over."""
+        under OnError.FAIL (nothing of the batch is kept); LeaseLost when taken over.
+
+        With a declared SqlChange the batch is decided in the database; if the database rejects
+        it (bad input), the batch rolled back and is done again through the Python function,
+        which names the bad row and field, or records it under OnError.SKIP."""
+        started = _time.perf_counter()
+        processed = self.progress.values["processed"]
+        try:
+            batch = self._next(self.in_database)
+        except Rejected:
+            batch = self._next(None)
+        if self._timings is not None and batch is not None:
+            rows = self.progress.values["processed"] - processed
+            self._timings.write(f"{_time.perf_counter() - started:.6f} {rows}\n")
+        return batch
+
+    def _next(self, in_database: SqlBatch | None) -> Batch | None:
         conn, scan, progress, name = self._conn, self.scan, self.progress, self.migration.name
         ahead, self._ahead = self._ahead, None
-        transaction = conn.begin()
+        transaction = self.db.begin_batch(conn)
         try:
             owned, cancel_requested = self.ledger.check(conn)
             if not owned:
@@ -108,6 +134,14 @@ class Batches:
                 return None
             snapshot = scan.snapshot(conn)
             outcome = None if ahead is None else ahead.take(progress.cursor, snapshot)
+            if outcome is None and in_database is not None:
+                applied = in_database.apply(conn, progress.cursor, self.size)
+                outcome = Outcome(
+                    applied.processed,
+                    last_key=applied.last_key,
+                    changed_in_database=applied.changed,
+                )
+                snapshot = None  # the next batch is decided in the database too: no read-ahead
             if outcome is None:
                 rows = scan.read(conn, progress.cursor, self.size)
                 outcome = decide(self.migration, rows, self.policy, writes=scan.writes())
@@ -142,6 +176,28 @@ class Batches:
             raise
         progress.commit(values)
         return Batch(done)
+
+    def recover(self, transient: Transient) -> None:
+        """Make ready to try a batch again after a transient error (backfill.retry): the failed
+        try rolled back, or died with its connection, which is then replaced. Progress is read
+        back from `_migrations`, the truth even when the connection died during a COMMIT whose
+        outcome this runner never heard."""
+        self._ahead = None
+        if transient.reconnect:
+            for old in (self._conn, self._reader):
+                with suppress(Exception):
+                    old.invalidate()
+                with suppress(Exception):
+                    old.close()
+            self._conn = self._stack.enter_context(self.db.engine.connect())
+            self._reader = self._stack.enter_context(self.db.engine.connect())
+        if transient.shrink:
+            self.size = max(1, self.size // 2)
+        with self._conn.begin():
+            record = records.load(self._conn, self.migration.name)
+        if record is None or record.generation != self.ledger.generation:
+            raise lease_lost(self.migration.name)
+        self.progress = _Progress(record)
 
     def _read_ahead(self, cursor: Key | None, snapshot: Snapshot) -> Ahead | None:
         try:

@@ -7,18 +7,21 @@ it prints nothing and knows nothing of Rich or click.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
 
 from backfill import lease as leases
+from backfill import retry
 from backfill.batch import OnError, Outcome, Sample, decide
 from backfill.definition import Migration, Migrations
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
@@ -27,7 +30,7 @@ from backfill.pipeline import Batches, lease_lost
 from backfill.progress import MigrationStatus
 from backfill.state import State
 from backfill.store import records
-from backfill.store.database import Database
+from backfill.store.database import Database, Limits
 from backfill.store.records import Key, row_id
 from backfill.store.scan import TableScan, check_table, scan_descriptor
 
@@ -51,7 +54,7 @@ class RunResult:
     name: str
     status: MigrationStatus
     already_done: bool = False
-    error: RowFailed | None = None
+    error: RowFailed | retry.RetriesExhausted | None = None
     dry_run: DryRun | None = None
 
     @property
@@ -113,8 +116,12 @@ class Runner:
         *,
         clock: Clock = wall_clock,
         lease_seconds: float | None = None,
+        retry_policy: retry.RetryPolicy | None = None,
+        limits: Limits | None = None,
     ) -> None:
-        self.db = database if isinstance(database, Database) else Database(database)
+        self.db = database if isinstance(database, Database) else Database(database, limits=limits)
+        self.retry_policy = retry_policy or retry.RetryPolicy.from_env()
+        self.sleep: Callable[[float], None] = time.sleep  # between retries; tests replace it
         self.migrations = migrations
         self.clock = clock
         self.lease_seconds = lease_seconds if lease_seconds is not None else leases.lease_seconds()
@@ -262,8 +269,10 @@ class Runner:
         force: bool = False,
         pause: float = 0.0,
         listener: ProgressListener | None = None,
+        sql: bool = True,
     ) -> list[RunResult]:
-        """Run the migrations one after another; stop at the first that fails or is canceled."""
+        """Run the migrations one after another; stop at the first that fails or is canceled.
+        `sql=False` ignores declared SQL (SqlChange): every row goes through the function."""
         chosen = [self.migrations[name] for name in names]
         policy = OnError(on_error)
         if batch_size is not None and batch_size < 1:
@@ -276,11 +285,14 @@ class Runner:
                 check_table(self.db.engine, migration)
                 if not force:
                     self._check_gate(migration, min_age)
-                size = batch_size or migration.batch_size
+                in_sql = sql and not dry_run  # a dry run goes through the function
+                size = batch_size or migration.default_batch_size(self.db.dialect, sql=in_sql)
                 if dry_run:
                     result = self._dry_run(migration, size, dry_run_batches, policy)
                 else:
-                    result = self._run_one(migration, size, restart, policy, pause, listener)
+                    result = self._run_one(
+                        migration, size, restart, policy, pause, listener, sql=sql
+                    )
             results.append(result)
             if result.state in (State.FAILED, State.CANCELED):
                 break
@@ -313,10 +325,9 @@ class Runner:
                     f"left; it finds {check.remaining} rows left and {check.raising} that raise"
                 )
 
-    def _count_total(self, migration: Migration) -> int:
-        with self.db.read() as conn:
-            total = conn.execute(sa.select(sa.func.count()).select_from(migration.table)).scalar()
-        return int(total or 0)
+    def _count_total(self, migration: Migration) -> tuple[int, bool]:
+        """Rows in the migration's range, once per run; (total, whether it is an estimate)."""
+        return self.db.total_rows(migration.table)
 
     def _run_one(
         self,
@@ -326,10 +337,12 @@ class Runner:
         policy: OnError,
         pause: float,
         listener: ProgressListener | None,
+        *,
+        sql: bool = True,
     ) -> RunResult:
         name = migration.name
         scan_id = scan_descriptor(migration)
-        total = self._count_total(migration)
+        total, estimated = self._count_total(migration)
         claimed = leases.enter(
             self.db,
             name,
@@ -339,6 +352,7 @@ class Runner:
             restart=restart,
             scan=scan_id,
             total=total,
+            total_is_estimate=estimated,
             batch_size=size,
         )
         if claimed is None:
@@ -350,7 +364,9 @@ class Runner:
         with (
             leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
             _StopSignals() as signals,
-            Batches(self.db, migration, generation, record, size, policy, self.clock) as batches,
+            Batches(
+                self.db, migration, generation, record, size, policy, self.clock, sql=sql
+            ) as batches,
         ):
             return self._loop(name, generation, batches, pause, listener, heartbeat, signals)
 
@@ -370,7 +386,26 @@ class Runner:
             if signals.received is not None:
                 return self._finish(name, generation, State.CANCELED)
             try:
-                batch = batches.next()
+                batch = retry.call(
+                    batches.next,
+                    migration=name,
+                    policy=self.retry_policy,
+                    classify=self.db.transient,
+                    recover=batches.recover,
+                    sleep=self.sleep,
+                    on_retry=partial(_log_retry, name, self.retry_policy.attempts),
+                )
+            except retry.RetriesExhausted as exhausted:
+                self._finish(
+                    name,
+                    generation,
+                    State.FAILED,
+                    error_message=exhausted.message,
+                    error_type=exhausted.error_type,
+                    error_row_id=None,
+                    error_field=None,
+                )
+                return RunResult(name, self.status([name])[name], error=exhausted)
             except RowFailed as failure:
                 self._finish(
                     name,
@@ -407,11 +442,11 @@ class Runner:
         """Run batches through the real path inside one transaction, then roll it all back."""
         scan = TableScan(self.db.engine, migration)
         with self.db.engine.connect() as conn:
-            transaction = conn.begin()
+            # The batch's timeouts too: a dry run locks rows like a run, and must not queue the
+            # application behind it either.
+            transaction = self.db.begin_batch(conn)
             try:
-                record = (
-                    records.load(conn, migration.name) if records.tables_exist(conn) else None
-                )
+                record = records.load(conn, migration.name) if records.tables_exist(conn) else None
                 observed = self._observed(record)
                 cursor = record.cursor if record and observed is not State.SUCCESS else None
                 rows_seen = changed = skipped = kept = done_batches = 0
@@ -440,6 +475,17 @@ class Runner:
         return RunResult(
             migration.name, self.status([migration.name])[migration.name], dry_run=report
         )
+
+
+def _log_retry(name: str, attempts: int, transient: retry.Transient, n: int, wait: float) -> None:
+    logging.getLogger("backfill").warning(
+        "migration %r: batch rolled back (%s); retry %d of %d in %.2f s",
+        name,
+        transient.describe(),
+        n,
+        attempts,
+        wait,
+    )
 
 
 def _rounded(age: timedelta) -> timedelta:

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backfill import DELETE, BadValue, Keep, Migrations, Prerequisite, Row, Runner
+from backfill import DELETE, BadValue, Keep, Migrations, Prerequisite, Row, Runner, SqlChange
 from chat_migrations.parts import derive_parts
 from chat_migrations.schema import messages
 
@@ -17,7 +17,44 @@ _LEGACY = ("body", "thinking_content", "parts")
 migrations = Migrations()
 
 
-@migrations.migration(table=messages, batch_size=1000, columns=_LEGACY)
+def parts_in_postgresql(table: sa.Table) -> SqlChange:
+    """`body_to_parts` in PostgreSQL: the same parts as `derive_parts`, built with jsonb.
+
+    Reasoning then text, an empty or NULL value omitted, `[]` when neither. PostgreSQL text
+    is always valid UTF-8 without NUL, so none of the bad input `derive_parts` rejects can be
+    stored there. The rows changed are those whose parts the function sees as None: SQL NULL,
+    and also a JSON `null` (the driver hands both to Python as None).
+    """
+    thinking, body, parts = table.c.thinking_content, table.c.body, table.c.parts
+    label: sa.ColumnElement[str] = sa.literal_column("'type'")
+    text: sa.ColumnElement[str] = sa.literal_column("'text'")
+    reasoning_part = sa.func.jsonb_build_object(
+        label, sa.literal_column("'reasoning'"), text, thinking
+    )
+    text_part = sa.func.jsonb_build_object(label, text, text, body)
+    has_thinking = sa.func.coalesce(thinking, "") != ""
+    has_body = sa.func.coalesce(body, "") != ""
+    derived = sa.case(
+        (sa.and_(has_thinking, has_body), sa.func.jsonb_build_array(reasoning_part, text_part)),
+        (has_thinking, sa.func.jsonb_build_array(reasoning_part)),
+        (has_body, sa.func.jsonb_build_array(text_part)),
+        else_=sa.func.jsonb_build_array(),
+    )
+    return SqlChange(
+        values={"parts": derived},
+        where=sa.or_(parts.is_(None), sa.func.jsonb_typeof(parts) == "null"),
+        # Measured on 1M messages: 2,500 rows per batch write a row in about three quarters of
+        # the time 1,000 do (fewer commits and round trips), and a batch still lasts ~60 ms.
+        batch_size=2_500,
+    )
+
+
+@migrations.migration(
+    table=messages,
+    batch_size=1000,
+    columns=_LEGACY,
+    sql={"postgresql": parts_in_postgresql},
+)
 def body_to_parts(row: Row) -> dict[str, Any] | None:
     """Write `parts` from the legacy fields on rows that have none."""
     if row["parts"] is not None:

@@ -7,6 +7,9 @@ commits after being taken over), some `counter` would end above 1.
 `COUNTING_ROW_DELAY` (seconds, float) makes the function sleep on every row, so a run lasts long
 enough to be killed, stopped or canceled while it is inside a batch transaction.
 
+A `source` starting with `bad:` is input the function rejects (`BadValue` on `source`): bad input
+any database can hold, for the error policies.
+
 Uses only backfill's public API, as a user's application would.
 """
 
@@ -18,10 +21,11 @@ import time
 
 import sqlalchemy as sa
 
-from backfill import Migrations, Row
+from backfill import BadValue, Migrations, Row
 
 ROW_DELAY_ENV = "COUNTING_ROW_DELAY"
 NAME = "derive"
+BAD_PREFIX = "bad:"
 
 metadata = sa.MetaData()
 
@@ -51,6 +55,8 @@ def derive(row: Row) -> dict[str, object] | None:
         time.sleep(_row_delay)
     if row["derived"] is not None:
         return None
+    if row["source"].startswith(BAD_PREFIX):
+        raise BadValue("source", "is marked bad")
     return {"derived": transform(row["source"]), "counter": row["counter"] + 1}
 
 

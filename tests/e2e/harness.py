@@ -1,9 +1,10 @@
-"""Helpers for the end-to-end tests: the real `backfill` CLI in subprocesses over one SQLite file.
+"""Helpers for the end-to-end tests: the real `backfill` CLI in subprocesses over one database.
 
-A `Harness` owns a database file in tmp_path seeded with the `apps.counting` table, starts runners
-in the background (output to files, so a full pipe never blocks them), runs short commands to
-completion, and reads the database directly with sqlite3 to see what was committed. Every process
-it started is killed and reaped when the test ends, even a stopped one.
+A `Harness` owns a database (a SQLite file in tmp_path, or a PostgreSQL database of its own: the
+`database_url` fixture) seeded with the `apps.counting` table, starts runners in the background
+(output to files, so a full pipe never blocks them), runs short commands to completion, and reads
+the database directly (SQLAlchemy on the same URL, no pooling) to see what was committed. Every
+process it started is killed and reaped when the test ends, even a stopped one.
 
 (Not a conftest.py: tests/conftest.py is imported as the module `conftest`, which a second
 conftest.py in this directory would shadow.)
@@ -19,15 +20,16 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from apps.counting import NAME, create_items
+from backfill.store.database import application_name
 from conftest import backfill_command, cli_env
 
 APP = "apps.counting:migrations"
@@ -81,19 +83,38 @@ class Proc:
 @dataclass
 class Harness:
     tmp_path: Path
+    url: str  # sqlite:///FILE or a PostgreSQL URL (the `database_url` fixture)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every command
     procs: list[Proc] = field(default_factory=list)
     # Held by this process's own writers (AppTraffic) and probes, so a probe never takes this
     # process's own transaction for a runner's.
     own_lock: threading.Lock = field(default_factory=threading.Lock)
+    _engine: sa.Engine | None = None
+
+    @property
+    def dialect(self) -> str:
+        return sa.make_url(self.url).get_backend_name()
+
+    @property
+    def postgresql(self) -> bool:
+        return self.dialect == "postgresql"
 
     @property
     def db_path(self) -> Path:
-        return self.tmp_path / "items.db"
+        """The SQLite file (SQLite only)."""
+        assert self.dialect == "sqlite", self.url
+        database = sa.make_url(self.url).database
+        assert database
+        return Path(database)
 
     @property
-    def url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+    def engine(self) -> sa.Engine:
+        """The test's own connections: one per use, never pooled (a pooled PostgreSQL session
+        would outlive the test's database otherwise, and nothing of ours lingers in a lock)."""
+        if self._engine is None:
+            args = {"timeout": 10} if self.dialect == "sqlite" else {}
+            self._engine = sa.create_engine(self.url, poolclass=NullPool, connect_args=args)
+        return self._engine
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -160,41 +181,68 @@ class Harness:
                 proc.send(signal.SIGCONT)
                 proc.send(signal.SIGKILL)
             proc.popen.wait(timeout=30)
+        if self._engine is not None:
+            self._engine.dispose()
 
     # -- looking at the database --------------------------------------------------------------
 
-    @contextmanager
-    def sqlite(self, timeout: float = 10) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.db_path, timeout=timeout)) as conn:
-            conn.row_factory = sqlite3.Row
-            yield conn
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[sa.Row[Any]]:
+        """Rows of one SELECT (SQLAlchemy `:name` parameters), in a short transaction of its own."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.text(sql), params or {}))
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """One statement, committed."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(sql), params or {})
 
     def record(self) -> dict[str, Any] | None:
         """The committed `_migrations` row of the test migration (None before the first run)."""
-        with self.sqlite() as conn:
-            try:
-                row = conn.execute("SELECT * FROM _migrations WHERE name = ?", (NAME,)).fetchone()
-            except sqlite3.OperationalError as error:
-                if "no such table" in str(error):
-                    return None
-                raise
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("_migrations"):
+                return None
+            found = conn.execute(
+                sa.text("SELECT * FROM _migrations WHERE name = :name"), {"name": NAME}
+            )
+            row = found.mappings().first()
         return None if row is None else dict(row)
 
     def items(self) -> list[tuple[int, str, str | None, int]]:
-        with self.sqlite() as conn:
-            return [
-                tuple(r)
-                for r in conn.execute("SELECT id, source, derived, counter FROM items ORDER BY id")
-            ]
+        rows = self.query("SELECT id, source, derived, counter FROM items ORDER BY id")
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def snapshot(self) -> tuple[list[Any], dict[str, Any] | None]:
         """Everything a runner could write: the items and the migration's record."""
         return self.items(), self.record()
 
-    def write_locked(self) -> bool:
-        """True when some connection holds the write lock (a runner inside a transaction).
+    def in_transaction(self, proc: Proc) -> bool:
+        """True when `proc` is (or may be) inside a transaction.
 
-        Takes the lock for an instant when it is free (and commits nothing)."""
+        SQLite: some connection holds the write lock (only runners write). PostgreSQL: a session
+        of `proc` (told by its application_name) is not idle: in a transaction, or running a
+        statement. Looked at twice, a moment apart, so a statement sent just before the look
+        (not yet picked up by its server process) is not missed."""
+        if not self.postgresql:
+            return self.write_locked()
+        if self._busy_sessions(proc):
+            return True
+        time.sleep(0.05)
+        return self._busy_sessions(proc)
+
+    def sessions(self, proc: Proc) -> list[tuple[int, str | None]]:
+        """(server pid, state) of each PostgreSQL session `proc` has open."""
+        rows = self.query(
+            "SELECT pid, state FROM pg_stat_activity WHERE application_name = :name",
+            {"name": application_name(proc.pid)},
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def _busy_sessions(self, proc: Proc) -> bool:
+        return any(state != "idle" for _pid, state in self.sessions(proc))
+
+    def write_locked(self) -> bool:
+        """SQLite: True when some connection holds the write lock (a runner inside a
+        transaction). Takes the lock for an instant when it is free (and commits nothing)."""
         with self.own_lock:
             conn = sqlite3.connect(self.db_path, timeout=0, isolation_level=None)
             try:
@@ -255,10 +303,11 @@ class AppTraffic:
         self._h = h
         self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._write, name="app-traffic", daemon=True)
+        target = self._write_postgresql if h.postgresql else self._write
+        self._thread = threading.Thread(target=target, name="app-traffic", daemon=True)
         self.commits = 0
-        with h.sqlite() as conn, conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS app_log (id INTEGER PRIMARY KEY, at REAL)")
+        key = "SERIAL PRIMARY KEY" if h.postgresql else "INTEGER PRIMARY KEY"
+        h.execute(f"CREATE TABLE IF NOT EXISTS app_log (id {key}, at REAL)")
 
     def __enter__(self) -> AppTraffic:
         self._thread.start()
@@ -267,6 +316,16 @@ class AppTraffic:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _write_postgresql(self) -> None:
+        # No database-wide lock to step around: the application simply commits.
+        with self._h.engine.connect() as conn:
+            while not self._stop.wait(self._interval):
+                with conn.begin():
+                    conn.execute(
+                        sa.text("INSERT INTO app_log (at) VALUES (:at)"), {"at": time.time()}
+                    )
+                self.commits += 1
 
     def _write(self) -> None:
         conn = sqlite3.connect(self._h.db_path, timeout=0, isolation_level=None)

@@ -24,9 +24,9 @@ SLOW = {"COUNTING_ROW_DELAY": "0.002"}
 
 
 @pytest.fixture
-def h(tmp_path):
+def h(tmp_path, database_url):
     # A long lease: what these tests see as interrupted, they see through the pid, not the clock.
-    harness = Harness(tmp_path, env={"BACKFILL_LEASE_SECONDS": "60"})
+    harness = Harness(tmp_path, database_url, env={"BACKFILL_LEASE_SECONDS": "60"})
     yield harness
     harness.cleanup()
 
@@ -86,8 +86,7 @@ def test_killed_runner_is_interrupted_at_once_and_a_new_run_resumes_from_the_cur
     cursor = record["cursor"]
     # Undo the first row behind the cursor: a run that resumes from the cursor never reads it
     # again, a run that started over would migrate it a second time (counter 2).
-    with h.sqlite() as conn, conn:
-        conn.execute("UPDATE items SET derived = NULL WHERE id = 1")
+    h.execute("UPDATE items SET derived = NULL WHERE id = 1")
 
     resumed = h.cli(*run_args(), timeout=90)
     assert resumed.returncode == 0, resumed.stderr
@@ -142,7 +141,7 @@ def test_sigterm_and_sigint_finish_the_current_batch_then_cancel(h, signum):
         def inside_a_batch() -> int | None:
             # Read first: if a batch is open just after, its commit will count beyond this.
             processed = h.record()["processed"]
-            return processed if h.write_locked() else None
+            return processed if h.in_transaction(runner) else None
 
         before = wait_for(inside_a_batch, "the runner to be inside a batch", procs=(runner,))
         runner.send(signum)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from backfill.batch import OnError
 from backfill.cli import render
 from backfill.cli.options import current, global_options
-from backfill.errors import Refused
+from backfill.errors import Refused, RowFailed
 from backfill.runner import RunResult
 from backfill.state import State
 
@@ -110,6 +110,11 @@ def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
     default=0.0,
     help="Seconds to sleep between batches, to spare a busy database.",
 )
+@click.option(
+    "--python-only",
+    is_flag=True,
+    help="Ignore the migration's declared SQL; run its Python function on every row.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask before running in prod.")
 @global_options
 def run(
@@ -122,6 +127,7 @@ def run(
     min_age: timedelta | None,
     force: bool,
     pause: float,
+    python_only: bool,
     yes: bool,
 ) -> int:
     """Run the named migrations one after another, each resuming from its cursor."""
@@ -156,6 +162,7 @@ def run(
             min_age=min_age,
             force=force,
             pause=pause,
+            sql=not python_only,
             listener=None if g.json else progress,
         )
     _report(results, g.json, started)
@@ -205,17 +212,24 @@ def _report(results: list[RunResult], as_json: bool, started: float) -> None:
         if result.error is not None:
             # stderr carries the one sentence; the advice is ordinary output.
             render.err.print(f"backfill: {result.error}", soft_wrap=True)
-            render.out.print(
-                f"  fix the row, then `backfill run {result.name}` resumes at "
-                "this batch (or use --on-error skip)"
-            )
+            if isinstance(result.error, RowFailed):
+                render.out.print(
+                    f"  fix the row, then `backfill run {result.name}` resumes at "
+                    "this batch (or use --on-error skip)"
+                )
+            else:
+                render.out.print(f"  `backfill run {result.name}` resumes at this batch")
         if s.state is State.CANCELED:
             render.err.print(f"{result.name}: canceled; `backfill run {result.name}` resumes")
 
 
 def _exit_code(results: list[RunResult]) -> int:
     states = {r.state for r in results}
-    if State.FAILED in states or any(r.error for r in results):
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        # 1 for a row the migration failed on, 4 for a database that kept failing the batch.
+        return max(error.exit_code for error in errors)
+    if State.FAILED in states:
         return 1
     if State.CANCELED in states:
         return 3

@@ -5,19 +5,30 @@ Everything that differs between SQL dialects in how we connect and begin lives h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from backfill import retry
 from backfill.config import redact_url
 from backfill.errors import DatabaseUnavailable
 from backfill.store.tables import ensure_schema
 
 _READ_ONLY = "backfill_read_only"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+DEFAULT_LOCK_TIMEOUT = 2.0
+DEFAULT_STATEMENT_TIMEOUT = 60.0
+DEFAULT_ESTIMATE_ABOVE = 5_000_000
+
+
+def application_name(pid: int | None = None) -> str:
+    """How a process's connections show in pg_stat_activity (unless the URL names one)."""
+    return f"backfill pid {os.getpid() if pid is None else pid}"
 
 
 def _create_engine(url: str | sa.URL) -> sa.Engine:
@@ -26,8 +37,55 @@ def _create_engine(url: str | sa.URL) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"check_same_thread": False})
         _configure_sqlite(engine)
         return engine
+    connect_args = {}
+    if url.get_backend_name() == "postgresql" and "application_name" not in url.query:
+        connect_args["application_name"] = application_name()
     # Positional parameters, so the hot statements compiled once take plain tuples (scan.py).
-    return sa.create_engine(url, pool_pre_ping=True, paramstyle="format")
+    # pool_pre_ping: a pooled connection that died (server restart, pg_terminate_backend) is
+    # replaced on checkout instead of failing the next statement.
+    return sa.create_engine(url, pool_pre_ping=True, paramstyle="format", connect_args=connect_args)
+
+
+def _seconds(variable: str, default: float) -> float:
+    return retry.number_from_env(variable, default)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long one batch transaction may wait, on PostgreSQL, before it backs off.
+
+    `lock_timeout`: the longest wait for a row lock the application holds (then the batch rolls
+    back and is retried later, so the migration never queues the app behind it for long);
+    `statement_timeout`: the longest any statement of the batch may run. Seconds; 0 means no
+    limit. Set with `SET LOCAL` in each batch transaction only (status, cancel and the app's
+    own sessions are untouched). `estimate_above`: beyond this many rows (the planner's
+    estimate, pg_class.reltuples), `total` is that estimate instead of an exact count(*)."""
+
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    estimate_above: int = DEFAULT_ESTIMATE_ABOVE
+
+    def __post_init__(self) -> None:
+        if self.lock_timeout < 0 or self.statement_timeout < 0 or self.estimate_above < 0:
+            raise ValueError("timeouts and the estimate threshold must not be negative")
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """`BACKFILL_LOCK_TIMEOUT`, `BACKFILL_STATEMENT_TIMEOUT` (seconds) and
+        `BACKFILL_ESTIMATE_ABOVE` (rows)."""
+        return cls(
+            lock_timeout=_seconds("BACKFILL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT),
+            statement_timeout=_seconds("BACKFILL_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT),
+            estimate_above=int(_seconds("BACKFILL_ESTIMATE_ABOVE", DEFAULT_ESTIMATE_ABOVE)),
+        )
+
+    def batch_settings_sql(self) -> str:
+        """One statement (one round trip) that sets both limits for the current transaction."""
+        lock, statement = (round(s * 1000) for s in (self.lock_timeout, self.statement_timeout))
+        return (
+            f"SELECT set_config('lock_timeout', '{lock}', true), "
+            f"set_config('statement_timeout', '{statement}', true)"
+        )
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:
@@ -51,11 +109,14 @@ def _configure_sqlite(engine: sa.Engine) -> None:
 
 
 class Database:
-    def __init__(self, url: str | sa.URL | sa.Engine) -> None:
+    def __init__(self, url: str | sa.URL | sa.Engine, *, limits: Limits | None = None) -> None:
         self.engine = url if isinstance(url, sa.Engine) else _create_engine(url)
         self.dialect = self.engine.dialect.name
         self.display_url = redact_url(self.engine.url)
+        self.limits = limits if limits is not None else Limits.from_env()
         self._schema_ready = False
+        self._postgresql = self.dialect == "postgresql"
+        self._batch_settings = self.limits.batch_settings_sql() if self._postgresql else None
 
     @contextmanager
     def unavailable_as_error(self) -> Iterator[None]:
@@ -85,5 +146,70 @@ class Database:
             with conn.begin():
                 yield conn
 
+    def begin_batch(self, conn: sa.Connection) -> sa.RootTransaction:
+        """Begin a batch transaction; on PostgreSQL with its lock and statement timeouts."""
+        transaction = conn.begin()
+        if self._batch_settings is not None:
+            try:
+                raw = _driver(conn).cursor()
+                try:
+                    raw.execute(self._batch_settings)
+                finally:
+                    raw.close()
+            except BaseException:
+                transaction.rollback()
+                raise
+        return transaction
+
+    # -- errors worth retrying ----------------------------------------------------------------
+
+    def is_database_error(self, error: BaseException) -> bool:
+        """An error raised by the database or its driver (not by a migration function)."""
+        dbapi = self.engine.dialect.loaded_dbapi
+        return isinstance(error, (sa.exc.DBAPIError, dbapi.Error))
+
+    def is_disconnect(self, error: BaseException) -> bool:
+        """A driver error that means the connection is gone. On PostgreSQL that is what the
+        dialect recognises, and any OperationalError without a SQLSTATE (psycopg raises those
+        for client-side connection failures: refused, reset, closed)."""
+        if not self._postgresql:
+            return False
+        dbapi = self.engine.dialect.loaded_dbapi
+        if not isinstance(error, dbapi.Error):
+            return False
+        if isinstance(error, dbapi.OperationalError) and retry.sqlstate(error) is None:
+            return True
+        return bool(self.engine.dialect.is_disconnect(error, None, None))
+
+    def transient(self, error: BaseException) -> retry.Transient | None:
+        """Why `error` is worth retrying the batch for, or None (see backfill.retry)."""
+        return retry.classify(
+            error, is_database_error=self.is_database_error, is_disconnect=self.is_disconnect
+        )
+
+    # -- size of a table ----------------------------------------------------------------------
+
+    def total_rows(self, table: sa.Table) -> tuple[int, bool]:
+        """(rows in `table`, whether that is the planner's estimate). PostgreSQL answers with
+        pg_class.reltuples when it is beyond `limits.estimate_above` (a count(*) of a big table
+        reads all of it); below, and on other dialects, with an exact count."""
+        with self.read() as conn:
+            if self._postgresql:
+                name = self.engine.dialect.identifier_preparer.format_table(table)
+                estimate = conn.execute(
+                    sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:name)"),
+                    {"name": name},
+                ).scalar()
+                if estimate is not None and estimate > self.limits.estimate_above:
+                    return int(estimate), True
+            total = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+        return int(total or 0), False
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _driver(conn: sa.Connection) -> Any:
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    return dbapi

@@ -1,0 +1,251 @@
+"""Transient database errors, and retrying a batch after one with backoff and jitter.
+
+A batch is one transaction, so retrying it is safe: whatever failed rolled back (or died with its
+connection), and the next try starts again from what is committed. Retried, a bounded number of
+times in a row (`BACKFILL_RETRIES`, default 5):
+
+| SQLSTATE | cause                                                               |
+|----------|---------------------------------------------------------------------|
+| 40001    | serialization failure                                               |
+| 40P01    | deadlock detected                                                   |
+| 55P03    | lock not available (our `lock_timeout`: the app held the rows)      |
+| 57014    | query canceled *by our `statement_timeout`* (the batch size halves) |
+| 57P01-03 | server shutting down, crashed, or starting up (a restart)           |
+| 08xxx    | connection exceptions                                               |
+
+plus a connection the driver reports lost or closed (`pg_terminate_backend`, a restart, a network
+failure); the batch's connection is then replaced. Anything else (a row the function rejects, a
+constraint violation, a lease lost) is not retried.
+
+The classification and the delays are pure; `call` takes its sleep and randomness from the
+caller, so tests drive it without waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from backfill.errors import ConfigError, DatabaseUnavailable
+
+T = TypeVar("T")
+
+SERIALIZATION_FAILURE = "serialization failure"
+DEADLOCK = "deadlock"
+LOCK_TIMEOUT = "lock timeout"
+STATEMENT_TIMEOUT = "statement timeout"
+SERVER_RESTART = "server restart"
+CONNECTION_LOST = "connection lost"
+
+_BY_SQLSTATE = {
+    "40001": SERIALIZATION_FAILURE,
+    "40P01": DEADLOCK,
+    "55P03": LOCK_TIMEOUT,
+    "57014": STATEMENT_TIMEOUT,
+    "57P01": SERVER_RESTART,  # admin_shutdown: also what pg_terminate_backend sends
+    "57P02": SERVER_RESTART,  # crash_shutdown
+    "57P03": SERVER_RESTART,  # cannot_connect_now: starting up or shutting down
+}
+_RECONNECT = frozenset({SERVER_RESTART, CONNECTION_LOST})
+# How many errors deep to look: a rollback that fails on a dead connection raises its own error,
+# with the one that killed the batch as its context.
+_CHAIN_DEPTH = 4
+
+DEFAULT_ATTEMPTS = 5
+DEFAULT_BASE_DELAY = 0.25
+DEFAULT_MAX_DELAY = 10.0
+
+
+@dataclass(frozen=True)
+class Transient:
+    """Why a batch failed in a way worth trying again."""
+
+    cause: str  # one of the names above
+    sqlstate: str | None
+    error_type: str  # the driver's exception class, e.g. LockNotAvailable
+    message: str  # the driver's first line
+
+    @property
+    def reconnect(self) -> bool:
+        """The connection is gone (or going): the next try needs a new one."""
+        return self.cause in _RECONNECT
+
+    @property
+    def shrink(self) -> bool:
+        """The batch took longer than the statement timeout allows: try a smaller one."""
+        return self.cause == STATEMENT_TIMEOUT
+
+    def describe(self) -> str:
+        code = f" ({self.sqlstate})" if self.sqlstate else ""
+        return f"{self.cause}{code}: {self.message}"
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE a driver error carries (psycopg 3 `sqlstate`, psycopg2 `pgcode`)."""
+    for attribute in ("sqlstate", "pgcode"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def driver_error(error: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's wrapper, if any."""
+    if isinstance(error, sa.exc.DBAPIError) and error.orig is not None:
+        return error.orig
+    return error
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def classify(
+    error: BaseException,
+    *,
+    is_database_error: Callable[[BaseException], bool],
+    is_disconnect: Callable[[BaseException], bool] = lambda _error: False,
+) -> Transient | None:
+    """A Transient when `error` (or the error it was raised while handling) is worth a retry.
+
+    `is_database_error` says which exceptions come from the database at all (SQLAlchemy's
+    wrappers, the driver's own classes): only those are looked at, so an error in the user's
+    function is never retried. `is_disconnect` recognises, for the dialect at hand, a driver
+    error that means the connection is lost. Of several in the chain, the deepest (the first
+    raised: what killed the batch, not a rollback that failed after it) names the cause."""
+    seen = 0
+    found: Transient | None = None
+    current: BaseException | None = error
+    while current is not None and seen < _CHAIN_DEPTH and is_database_error(current):
+        found = _one(current, is_disconnect) or found
+        seen += 1
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _one(error: BaseException, is_disconnect: Callable[[BaseException], bool]) -> Transient | None:
+    orig = driver_error(error)
+    code = sqlstate(orig)
+    message = first_line(orig)
+    cause = _BY_SQLSTATE.get(code or "")
+    if cause is None and code is not None and code.startswith("08"):
+        cause = CONNECTION_LOST
+    if cause == STATEMENT_TIMEOUT and "statement timeout" not in message:
+        cause = None  # canceled by someone (pg_cancel_backend): not ours to retry
+    if cause is None and (
+        (isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated)
+        or is_disconnect(orig)
+    ):
+        cause = CONNECTION_LOST
+    if cause is None:
+        return None
+    return Transient(cause, code, type(orig).__name__, message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many times in a row a batch is tried again, and how long to wait before each try.
+
+    The wait before retry n (1, 2, ...) is drawn from [c/2, c) with c = min(max_delay,
+    base_delay * 2**(n-1)): exponential, with jitter so runners that failed together do not
+    come back together. The defaults wait about 4 to 8 seconds over five retries, long enough
+    for a PostgreSQL restart."""
+
+    attempts: int = DEFAULT_ATTEMPTS
+    base_delay: float = DEFAULT_BASE_DELAY
+    max_delay: float = DEFAULT_MAX_DELAY
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0 or self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("retry attempts and delays must not be negative")
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """`BACKFILL_RETRIES` (count) and `BACKFILL_RETRY_DELAY` (base seconds)."""
+        return cls(
+            attempts=int(number_from_env("BACKFILL_RETRIES", DEFAULT_ATTEMPTS)),
+            base_delay=number_from_env("BACKFILL_RETRY_DELAY", DEFAULT_BASE_DELAY),
+        )
+
+    def delay(self, retry: int, jitter: float) -> float:
+        """Seconds to wait before retry number `retry` (from 1), `jitter` in [0, 1)."""
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
+        return ceiling / 2 + ceiling / 2 * jitter
+
+
+def number_from_env(variable: str, default: float) -> float:
+    """A non-negative number from the environment; `default` when unset or empty."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{variable}={raw!r} must be a non-negative number")
+    return value
+
+
+class RetriesExhausted(DatabaseUnavailable):
+    """A batch kept failing for a transient reason; the run ends `failed` with the cause."""
+
+    def __init__(self, migration: str, transient: Transient, retries: int) -> None:
+        super().__init__(
+            f"migration {migration!r}: the database kept failing the batch, "
+            f"{retries} retries exhausted; last: {transient.describe()}"
+        )
+        self.migration = migration
+        self.transient = transient
+        self.retries = retries
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    @property
+    def error_type(self) -> str:
+        return self.transient.error_type
+
+
+def call(
+    attempt: Callable[[], T],
+    *,
+    migration: str,
+    policy: RetryPolicy,
+    classify: Callable[[BaseException], Transient | None],
+    recover: Callable[[Transient], None],
+    sleep: Callable[[float], None] = time.sleep,
+    jitter: Callable[[], float] = random.random,
+    on_retry: Callable[[Transient, int, float], None] | None = None,
+) -> T:
+    """`attempt()`, tried again after a transient error: wait, `recover` (which may fail
+    transiently too, and then counts as a try), try again. RetriesExhausted after
+    `policy.attempts` retries in a row; any other error is raised as it is."""
+    retries = 0
+    pending: Transient | None = None
+    while True:
+        try:
+            if pending is not None:
+                recover(pending)
+                pending = None
+            return attempt()
+        except Exception as error:
+            transient = classify(error)
+            if transient is None:
+                raise
+            if retries >= policy.attempts:
+                raise RetriesExhausted(migration, transient, retries) from error
+            retries += 1
+            wait = policy.delay(retries, jitter())
+            if on_retry is not None:
+                on_retry(transient, retries, wait)
+            sleep(wait)
+            pending = transient

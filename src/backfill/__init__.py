@@ -16,8 +16,10 @@ from backfill.errors import (
     UnknownMigration,
 )
 from backfill.progress import MigrationStatus
+from backfill.retry import RetryPolicy
 from backfill.runner import DryRun, Runner, RunResult, Verification
 from backfill.state import State
+from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Keep",
     "LeaseHeld",
     "LeaseLost",
+    "Limits",
     "MalformedJSON",
     "Migration",
     "MigrationStatus",
@@ -38,6 +41,7 @@ __all__ = [
     "OnError",
     "Prerequisite",
     "Refused",
+    "RetryPolicy",
     "Row",
     "RowFailed",
     "RunResult",

@@ -39,7 +39,7 @@ from backfill.store.expression import Rejected, SqlBatch
 from backfill.store.records import Key, encode_key
 from backfill.store.scan import Snapshot, TableScan
 
-GIL_HANDOFF_SECONDS = float(_os.environ.get("BF_GIL", "0.0005"))
+GIL_HANDOFF_SECONDS = 0.0005
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ class Runner:
         cursor: Key | None = None
         while True:
             with self.db.read() as conn:
-                rows = scan.read(conn, cursor, migration.batch_size)
+                rows = scan.read(conn, cursor, migration.batch_size, lock=False)
             if not rows:
                 return
             # Encoded as a run would, so a value that cannot be stored counts as raising.
@@ -395,26 +395,17 @@ class Runner:
                     sleep=self.sleep,
                     on_retry=partial(_log_retry, name, self.retry_policy.attempts),
                 )
-            except retry.RetriesExhausted as exhausted:
-                self._finish(
-                    name,
-                    generation,
-                    State.FAILED,
-                    error_message=exhausted.message,
-                    error_type=exhausted.error_type,
-                    error_row_id=None,
-                    error_field=None,
-                )
-                return RunResult(name, self.status([name])[name], error=exhausted)
-            except RowFailed as failure:
+            except (retry.RetriesExhausted, RowFailed) as failure:
+                # A row at fault names its id and field; exhausted retries name only the cause.
+                row = failure if isinstance(failure, RowFailed) else None
                 self._finish(
                     name,
                     generation,
                     State.FAILED,
                     error_message=failure.message,
                     error_type=failure.error_type,
-                    error_row_id=json.dumps(failure.row_id, default=str),
-                    error_field=failure.field,
+                    error_row_id=None if row is None else json.dumps(row.row_id, default=str),
+                    error_field=None if row is None else row.field,
                 )
                 return RunResult(name, self.status([name])[name], error=failure)
             if batch is None:

@@ -78,7 +78,7 @@ class TableScan:
         self.json_names = frozenset(c.name for c in table.columns if _is_json(c))
         self._select = sa.select(*self.columns)
         self._order = [c.asc() for c in migration.key]
-        self._reads: dict[tuple[bool, int], Statement] = {}
+        self._reads: dict[tuple[bool, int, bool], Statement] = {}
         self._writes: dict[tuple[str, ...], Statement] = {}
         self._joined: dict[tuple[tuple[str, ...], int], str] = {}
         self._unnests: dict[tuple[str, ...], str | None] = {}
@@ -98,19 +98,20 @@ class TableScan:
     def _key_names(self, cursor_given: bool) -> list[str]:
         return [f"k{i}" for i in range(self.key_width)] if cursor_given else []
 
-    def _read_statement(self, cursor_given: bool, limit: int) -> Statement:
-        cached = self._reads.get((cursor_given, limit))
+    def _read_statement(self, cursor_given: bool, limit: int, lock: bool) -> Statement:
+        cached = self._reads.get((cursor_given, limit, lock))
         if cached is None:
             statement = self._after(self._select, cursor_given).order_by(*self._order).limit(limit)
-            if self.dialect.name == "postgresql":
+            if lock and self.dialect.name == "postgresql":
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, self._key_names(cursor_given))
-            self._reads[(cursor_given, limit)] = cached
+            self._reads[(cursor_given, limit, lock)] = cached
         return cached
 
-    def read(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Rows:
-        """The next `limit` rows after `cursor` in key order, decoded for the function."""
-        statement = self._read_statement(cursor is not None, limit)
+    def read(self, conn: sa.Connection, cursor: Key | None, limit: int, lock: bool = True) -> Rows:
+        """The next `limit` rows after `cursor` in key order, decoded for the function; locked
+        (PostgreSQL) unless `lock` is false, as for read-only scans that must not block the app."""
+        statement = self._read_statement(cursor is not None, limit, lock)
         sql, params = statement.sql, statement.params(cursor or ())
         raw = _driver(conn).cursor()
         try:

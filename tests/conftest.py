@@ -93,12 +93,17 @@ def backfill_command(*args: str) -> list[str]:
 def cli(sqlite_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run `backfill ARGS --database-url URL` in a subprocess; returns the completed process."""
 
-    def run(*args: str, url: str | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, url: str | None = None, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             backfill_command(*args, "--database-url", url or sqlite_url),
-            capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-            env=env or cli_env(), stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp_path,
+            env=env or cli_env(),
+            stdin=subprocess.DEVNULL,
         )
 
     return run

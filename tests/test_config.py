@@ -27,7 +27,7 @@ def test_pyproject_environments_with_variables(tmp_path: Path, monkeypatch) -> N
     (tmp_path / "pyproject.toml").write_text(
         '[tool.backfill]\napp = "myapp:migrations"\n'
         '[tool.backfill.environments.dev]\ndatabase_url = "sqlite:///dev.db"\n'
-        '[tool.backfill.environments.prod]\n'
+        "[tool.backfill.environments.prod]\n"
         'database_url = "postgresql+psycopg://app:${DB_PASSWORD}@db.internal/chat"\n'
     )
     monkeypatch.setenv("DB_PASSWORD", "s3cret")

@@ -26,8 +26,9 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize(("source", "target"), list(itertools.product(State, State)),
-                         ids=lambda s: str(s))
+@pytest.mark.parametrize(
+    ("source", "target"), list(itertools.product(State, State)), ids=lambda s: str(s)
+)
 def test_each_pair_is_allowed_exactly_when_it_is_an_edge(source: State, target: State) -> None:
     assert allowed(source, target) == ((source, target) in EXPECTED)
     if (source, target) in EXPECTED:
@@ -41,10 +42,21 @@ def test_each_pair_is_allowed_exactly_when_it_is_an_edge(source: State, target: 
 def test_only_success_is_completed_and_only_in_progress_is_live() -> None:
     assert [s for s in State if s.completed] == [State.SUCCESS]
     assert [s for s in State if s.live] == [State.IN_PROGRESS]
-    assert sources_of(State.IN_PROGRESS) == {State.PENDING, State.INTERRUPTED, State.FAILED,
-                                             State.CANCELED, State.SUCCESS}
+    assert sources_of(State.IN_PROGRESS) == {
+        State.PENDING,
+        State.INTERRUPTED,
+        State.FAILED,
+        State.CANCELED,
+        State.SUCCESS,
+    }
 
 
 def test_state_names_are_the_contract_spelling() -> None:
-    assert [str(s) for s in State] == ["pending", "inProgress", "interrupted", "success",
-                                       "failed", "canceled"]
+    assert [str(s) for s in State] == [
+        "pending",
+        "inProgress",
+        "interrupted",
+        "success",
+        "failed",
+        "canceled",
+    ]

@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     except sa.exc.DBAPIError as error:
         code = _fail(error, 4, f"database error: {error.orig}")
     except Exception as error:  # noqa: BLE001 - a bug of ours: one line, traceback with --debug
-        code = _fail(error, 1, f"unexpected {type(error).__name__}: {error} "
-                               "(run again with --debug for the traceback)")
+        code = _fail(
+            error,
+            1,
+            f"unexpected {type(error).__name__}: {error} "
+            "(run again with --debug for the traceback)",
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -107,6 +107,16 @@ def fill(row):
     return {"doc": {"id": row["id"]}}
 
 
+@storing.migration(table=documents, batch_size=4)
+def fill_then_raise(row):
+    """Row 6 cannot be stored; row 7 raises in the function, after it in the same batch."""
+    if row["id"] == 6:
+        return {"doc": {"ratio": math.inf}}
+    if row["id"] == 7:
+        raise ValueError("row 7 is broken")
+    return {"doc": {"id": row["id"]}}
+
+
 @pytest.fixture
 def documents_db(db):
     documents.create(db.engine)
@@ -134,3 +144,14 @@ def test_unstorable_values_are_skipped_and_the_rest_written(documents_db):
     stored = dict(rows(documents_db.engine, "SELECT id, doc FROM documents"))
     assert stored[6] is None and stored[7] is None  # SQL NULL, never the text 'NaN'
     assert json.loads(stored[5]) == {"id": 5}
+
+
+def test_the_first_bad_row_is_reported_even_when_it_fails_only_in_encoding(documents_db):
+    # Rows 5..8 are decided ahead, while rows 1..4 commit, and encoded later: the batch is done
+    # again in order, so the failure is row 6's (unstorable), not row 7's (raised first).
+    [result] = Runner(documents_db, storing).run(["fill_then_raise"])
+
+    assert result.state is State.FAILED
+    assert result.error is not None
+    assert (result.error.row_id, result.error.field) == (6, "doc")
+    assert result.status.processed == 4

@@ -6,6 +6,7 @@ runner's; this module decides per row and knows nothing of connections.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -49,6 +50,8 @@ class Outcome:
     samples: list[Sample] = field(default_factory=list)
     # The changes encoded for the driver, when decide was given somewhere to encode them.
     writes: Writes | None = None
+    # Some change sets a key column: the rows after this batch are not known before it commits.
+    moves_keys: bool = False
     # Rows the batch changed in the database itself (a declared SqlChange), not one by one.
     changed_in_database: int = 0
 
@@ -72,6 +75,7 @@ def decide(
     on_error: OnError,
     samples: int = 0,
     writes: Writes | None = None,
+    defer: bool = False,
 ) -> Outcome:
     """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL.
 
@@ -83,8 +87,9 @@ def decide(
     # told from "no change" by cheap checks first (a type differs) before comparing values.
     function = migration.function
     columns = frozenset(c.name for c in migration.table.columns)
+    keys = frozenset(c.name for c in migration.key)
     changes, faults = outcome.changes, rows.faults
-    encode = None if writes is None else writes.add
+    encode = None if writes is None else writes.defer if defer else writes.add
     for position, (key, values) in enumerate(zip(rows.keys, rows.values, strict=True)):
         try:
             if faults and position in faults:
@@ -100,6 +105,8 @@ def decide(
             for name, value in result.items():
                 if name not in columns:
                     raise BadValue(name, f"is not a column of table {migration.table.name!r}")
+                if name in keys:
+                    outcome.moves_keys = True
                 new = None if value is DELETE else value
                 old = values.get(name, _ABSENT)
                 if type(old) is not type(new) or old is _ABSENT or old != new:
@@ -127,12 +134,16 @@ class Ahead:
     It may stand for a read inside the next transaction only when nothing can have changed its
     rows in between: same cursor, and the store's snapshot token unchanged (no other connection
     committed since the previous transaction took the write lock).
+
+    Its changes are encoded later (`encode`), while the previous batch commits, and what is
+    left then by the committing thread. A batch that fails on a row, or has a value that cannot
+    be stored, is not kept: the transaction reads and decides it again, which reports the
+    failure in order, exactly as a plain run does.
     """
 
     cursor: Key | None
     snapshot: Snapshot
     outcome: Outcome | None = None
-    failure: RowFailed | None = None
 
     @classmethod
     def decide(
@@ -145,14 +156,23 @@ class Ahead:
         snapshot: Snapshot,
     ) -> Ahead:
         try:
-            return cls(cursor, snapshot, decide(migration, rows, on_error, writes=writes))
-        except RowFailed as failure:
-            return cls(cursor, snapshot, failure=failure)  # raised if the batch is taken
+            outcome = decide(migration, rows, on_error, writes=writes, defer=True)
+        except RowFailed:
+            return cls(cursor, snapshot)
+        return cls(cursor, snapshot, outcome)
+
+    def encode(self, enough: Callable[[], bool]) -> Ahead | None:
+        """Encode the changes until `enough()`; None when one cannot be stored (do it again)."""
+        writes = None if self.outcome is None else self.outcome.writes
+        if writes is not None:
+            try:
+                writes.encode_deferred(enough)
+            except BadValue:
+                return None
+        return self
 
     def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Outcome | None:
         """The outcome to use in the transaction that sees `snapshot`; None: read again."""
         if snapshot is None or snapshot != self.snapshot or cursor != self.cursor:
             return None
-        if self.failure is not None:
-            raise self.failure
         return self.outcome

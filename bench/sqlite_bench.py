@@ -4,11 +4,12 @@ Builds a database of N generated legacy messages once (kept under bench/data/, r
 runs with the same N), then times on a fresh copy of it for each contender:
 
 - backfill: `backfill run body_to_parts` as a whole subprocess (interpreter start-up included),
-  default batch size;
+  default batch size: batches decided in SQLite by the migration's declared SQL;
 - (a) the floor: one set-based `UPDATE messages SET parts = <the same parts built with SQLite's
   JSON functions> WHERE parts IS NULL` in a single transaction;
 - (b) a naive per-row loop, as hand-written migration code does it: select one row, compute its
-  parts in Python, update it, commit; timed on the first rows only and extrapolated.
+  parts in Python, update it, commit; timed on the first rows only and extrapolated;
+- (c) `backfill run body_to_parts --python-only`: every row through the Python function.
 
 Every contender uses the engine's connection settings (WAL, synchronous=NORMAL, busy_timeout).
 Outputs are checked equal row by row as decoded JSON. Peak memory (max RSS of the backfill
@@ -117,7 +118,9 @@ class Timing:
         return self.rows / self.seconds
 
 
-def run_backfill(path: Path, rows: int, batch_size: int | None = None) -> Timing:
+def run_backfill(
+    path: Path, rows: int, batch_size: int | None = None, *, python_only: bool = False
+) -> Timing:
     """`backfill run body_to_parts` in a subprocess: wall time and its own peak RSS (wait4)."""
     command = [
         sys.executable,
@@ -132,6 +135,8 @@ def run_backfill(path: Path, rows: int, batch_size: int | None = None) -> Timing
     ]
     if batch_size is not None:
         command += ["--batch-size", str(batch_size)]
+    if python_only:
+        command.append("--python-only")
     # Start-up as a user's: with the bytecode cache Python writes, even where this shell says
     # not to (it would recompile backfill's modules on every start).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     ours: list[Timing] = []
     floors: list[Timing] = []
     naives: list[Timing] = []
+    pythons: list[Timing] = []
     with tempfile.TemporaryDirectory(dir=args.data, prefix="run-") as work:
         workdir = Path(work)
         for _ in range(args.repeat):
@@ -277,9 +283,21 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
+            in_python = copy(source, workdir, "python")
+            pythons.append(run_backfill(in_python, rows, args.batch_size, python_only=True))
+            print(
+                f"(c) python {pythons[-1].seconds:7.2f} s  {pythons[-1].rate:>10,.0f} rows/s",
+                flush=True,
+            )
+
         checked = check_equal(backfilled, floored)
+        check_equal(in_python, floored)
         checked_naive = check_equal(naive_db, floored, naives[-1].rows)
-        print(f"outputs equal: backfill = (a) on {checked:,} rows, (b) = (a) on {checked_naive:,}")
+        print(
+            f"outputs equal: backfill = (c) = (a) on {checked:,} rows, "
+            f"(b) = (a) on {checked_naive:,}"
+        )
+        in_python.unlink()
         backfilled.unlink()
         naive_db.unlink()
         floored.unlink()
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             small_db = copy(build(small, args.data, args.rebuild), workdir, "small")
             small_rss = run_backfill(small_db, small, args.batch_size).max_rss_kib
 
-    mine, floor, naive = best(ours), best(floors), best(naives)
+    mine, floor, naive, python = best(ours), best(floors), best(naives), best(pythons)
     print()
     print(
         f"rows                 {rows:,}" + (f"  (best of {args.repeat})" if args.repeat > 1 else "")
@@ -297,10 +315,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"backfill             {mine.rate:>12,.0f} rows/s  (whole command, start-up included)")
     print(f"(a) set-based UPDATE {floor.rate:>12,.0f} rows/s")
     print(f"(b) naive loop       {naive.rate:>12,.0f} rows/s")
+    print(f"(c) --python-only    {python.rate:>12,.0f} rows/s")
     print(f"backfill / (a)       {mine.rate / floor.rate:12.2f}x   (target >= 0.7)")
     print(f"backfill / (b)       {mine.rate / naive.rate:12.2f}x   (target >= 5)")
+    print(f"(c) / (a)            {python.rate / floor.rate:12.2f}x")
+    print(f"(c) / (b)            {python.rate / naive.rate:12.2f}x")
     if args.repeat > 1:
-        print(f"all runs: backfill {rates(ours)}; (a) {rates(floors)}; (b) {rates(naives)}")
+        print(
+            f"all runs: backfill {rates(ours)}; (a) {rates(floors)}; (b) {rates(naives)}; "
+            f"(c) {rates(pythons)}"
+        )
     big_mib = max(t.max_rss_kib or 0 for t in ours) / 1024
     if small_rss is not None:
         small_mib = small_rss / 1024

@@ -1,5 +1,5 @@
-"""Shared fixtures: a fresh SQLite database file per test, seeded chat data, the CLI in a
-subprocess exactly as a user runs it."""
+"""Shared fixtures: a fresh SQLite database file (or PostgreSQL or MariaDB database) per test,
+seeded chat data, the CLI in a subprocess exactly as a user runs it."""
 
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from chat_migrations import migrations
 from chat_migrations.generator import seed_messages
 
 ROOT = Path(__file__).resolve().parent.parent
-# The PostgreSQL server the tests use (CI starts it); each test gets a database of its own.
+# The PostgreSQL and MariaDB servers the tests use (CI starts them); each test gets a database
+# of its own.
 POSTGRES_ADMIN_URL = os.environ.get(
     "BACKFILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MARIADB_ADMIN_URL = os.environ.get(
+    "BACKFILL_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/"
 )
 
 
@@ -41,11 +45,29 @@ def postgres_url() -> str:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
+def mariadb_url() -> str:
+    """A fresh, empty MariaDB database, dropped after the test. Fails (never skips) when the
+    server is down, as for PostgreSQL."""
+    admin = sa.create_engine(MARIADB_ADMIN_URL)
+    name = f"backfill_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield str(sa.make_url(MARIADB_ADMIN_URL).set(database=name).render_as_string(False))
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The same test on an embedded SQLite file and on a real PostgreSQL server."""
+    """The same test on an embedded SQLite file, a real PostgreSQL server and a real MariaDB."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'chat.db'}"
+    if request.param == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
     return str(request.getfixturevalue("postgres_url"))
 
 

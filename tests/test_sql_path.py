@@ -1,15 +1,19 @@
-"""The SQL path (a migration's declared SqlChange) against the Python path, on PostgreSQL.
+"""The SQL path (a migration's declared SqlChange) against the Python path, on PostgreSQL and
+SQLite.
 
-The flagship declares `body_to_parts` in SQL for PostgreSQL; the Python function stays the
-truth. On the generated corpus and on a corpus of bad input PostgreSQL can hold, running it in
-the database and running it in Python must leave every row identical, with the same counters.
-A batch the database rejects is done again in Python: rows named under `fail`, recorded under
-`skip`. And the declaration API refuses what it cannot do.
+The flagship declares `body_to_parts` in SQL for both; the Python function stays the truth. On
+the generated corpus and on a corpus of tricky input both can hold, running it in the database
+and running it in Python must leave every row identical, byte for byte, with the same counters.
+On SQLite, which lets blobs, numbers and TEXT that is not UTF-8 into any column, a corpus of
+such rows must be named under `fail` and recorded under `skip` exactly as in Python. A batch
+the SQL cannot decide faithfully is done again in Python. And the declaration API refuses what
+it cannot do.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,18 +26,18 @@ from backfill import BadValue, Migrations, Row, Runner, SqlChange, State
 from backfill.store import expression
 from backfill.store.database import Database
 from chat_migrations import derive_parts, messages, migrations
-from chat_migrations.generator import seed_messages
-from conftest import backfill_command, cli_env
+from chat_migrations.generator import generate_messages, seed_messages
+from conftest import backfill_command, cli_env, rows
 
 GENERATED = 3_000
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 LONG = "long text, " * 100_000 + "é😊"  # about 1.1 MB
 NO_PARTS = object()  # a row the old code wrote: parts SQL NULL
 
-# Legacy (body, thinking_content, parts) that PostgreSQL can hold, chosen to trip up a SQL
-# translation of derive_parts: empty vs NULL vs whitespace, Unicode and escapes, JSON-looking
-# text, very long text, rows with only thinking, and rows that already have parts of any shape
-# (including a JSON `null`, which the driver hands to the function as None).
+# Legacy (body, thinking_content, parts) that PostgreSQL and SQLite can both hold, chosen to trip
+# up a SQL translation of derive_parts: empty vs NULL vs whitespace, Unicode and escapes,
+# JSON-looking text, very long text, rows with only thinking, and rows that already have parts
+# of any shape (including a JSON `null`, which the driver hands to the function as None).
 BAD_CORPUS: list[tuple[Any, Any, Any]] = [
     ("", None, NO_PARTS),
     ("", "", NO_PARTS),
@@ -87,15 +91,31 @@ def _insert_corpus(engine: sa.Engine, first_id: int) -> None:
             conn.execute(messages.insert().values(**row))
 
 
-SNAPSHOT = (
-    "SELECT id, conversation_id, role, body, thinking_content, parts, parts::text, created_at "
-    "FROM messages ORDER BY id"
-)
+# Every row as stored: decoded parts (for the assertions), then parts as stored (jsonb's text;
+# SQLite's storage class and bytes), so that both paths must write the very same bytes.
+SNAPSHOT = {
+    "postgresql": "SELECT id, conversation_id, role, body, thinking_content, parts, parts::text, "
+    "created_at FROM messages ORDER BY id",
+    "sqlite": "SELECT id, conversation_id, role, body, thinking_content, parts, "
+    "typeof(parts) || ':' || hex(parts), created_at FROM messages ORDER BY id",
+}
 
 
 def _snapshot(engine: sa.Engine) -> list[tuple[Any, ...]]:
     with engine.connect() as conn:
-        return [tuple(row) for row in conn.exec_driver_sql(SNAPSHOT)]
+        found = [list(row) for row in conn.exec_driver_sql(SNAPSHOT[engine.dialect.name])]
+    if engine.dialect.name == "sqlite":  # the driver hands back JSON text
+        for row in found:
+            row[5] = json.loads(row[5]) if isinstance(row[5], str) else row[5]
+    return [tuple(row) for row in found]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both dialects the flagship declares its SQL for."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chat.db'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 class _Spy:
@@ -161,11 +181,11 @@ def _expected(row: tuple[Any, ...], original_parts: Any) -> Any:
     return original_parts
 
 
-def test_generated_corpus_identical_in_sql_and_python(postgres_url, monkeypatch):
-    db = Database(postgres_url)
+def test_generated_corpus_identical_in_sql_and_python(url, monkeypatch):
+    db = Database(url)
     seed_messages(db.engine, GENERATED)
     db.dispose()
-    sql_rows, python_rows, in_sql, in_python, _spy = _both_paths(postgres_url, 250, monkeypatch)
+    sql_rows, python_rows, in_sql, in_python, _spy = _both_paths(url, 250, monkeypatch)
     assert sql_rows == python_rows
     assert len(sql_rows) == GENERATED
     assert _counters(in_sql) == _counters(in_python) == (GENERATED, GENERATED, 0, GENERATED)
@@ -177,16 +197,14 @@ def test_generated_corpus_identical_in_sql_and_python(postgres_url, monkeypatch)
 
 
 @pytest.mark.parametrize("batch_size", [3, 1000])
-def test_bad_input_corpus_identical_in_sql_and_python(postgres_url, monkeypatch, batch_size):
-    db = Database(postgres_url)
+def test_bad_input_corpus_identical_in_sql_and_python(url, monkeypatch, batch_size):
+    db = Database(url)
     seed_messages(db.engine, 200)
     _insert_corpus(db.engine, 201)
     with db.engine.connect() as conn:
         original = dict(conn.execute(sa.select(messages.c.id, messages.c.parts)).all())
     db.dispose()
-    sql_rows, python_rows, in_sql, in_python, _spy = _both_paths(
-        postgres_url, batch_size, monkeypatch
-    )
+    sql_rows, python_rows, in_sql, in_python, _spy = _both_paths(url, batch_size, monkeypatch)
     assert sql_rows == python_rows
     total = 200 + len(BAD_CORPUS)
     already = sum(1 for *_, parts in BAD_CORPUS if parts is not NO_PARTS and parts is not None)
@@ -197,16 +215,18 @@ def test_bad_input_corpus_identical_in_sql_and_python(postgres_url, monkeypatch,
     assert by_id[201][5] == []  # "" and NULL
     assert by_id[208][5] == [{"type": "reasoning", "text": "only thinking"}]
     assert by_id[205][5] == [{"type": "text", "text": " "}]  # whitespace is not empty
-    assert by_id[201 + BAD_CORPUS.index((None, None, "a JSON string"))][6] == '"a JSON string"'
+    assert by_id[201 + BAD_CORPUS.index((None, None, "a JSON string"))][5] == "a JSON string"
 
 
-def test_flagship_runs_in_sql_from_the_cli(postgres_url, tmp_path: Path):
-    db = Database(postgres_url)
-    seed_messages(db.engine, 3_000)
+def test_flagship_runs_in_sql_from_the_cli(url, tmp_path: Path):
+    db = Database(url)
+    size = migrations["body_to_parts"].default_batch_size(db.dialect)
+    count = size + size // 5
+    seed_messages(db.engine, count)
     db.dispose()
     timings = tmp_path / "batches.txt"
     done = subprocess.run(
-        backfill_command("run", "body_to_parts", "--json", "--database-url", postgres_url),
+        backfill_command("run", "body_to_parts", "--json", "--database-url", url),
         capture_output=True,
         text=True,
         timeout=120,
@@ -218,14 +238,188 @@ def test_flagship_runs_in_sql_from_the_cli(postgres_url, tmp_path: Path):
     status = json.loads(done.stdout)["body_to_parts"]
     assert (status["state"], status["progress"]["processed"], status["changed"]) == (
         "success",
-        3_000,
-        3_000,
+        count,
+        count,
     )
     # Batches of the SQL path's own size, not the Python path's.
-    assert status["batch_size"] == 2_500
+    assert status["batch_size"] == size != migrations["body_to_parts"].batch_size
     lines = [line.split() for line in timings.read_text().splitlines()]
-    assert [int(rows) for _seconds, rows in lines] == [2_500, 500]
+    assert [int(rows) for _seconds, rows in lines] == [size, size // 5]
     assert all(float(seconds) > 0 for seconds, _rows in lines)
+
+
+# -- SQLite's bad input --------------------------------------------------------------------------
+
+# A legacy table as loosely typed as SQLite allows: the legacy columns have no declared type, so
+# numbers stay numbers there.
+LOOSE_MESSAGES = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, conversation_id INTEGER NOT NULL, role VARCHAR(16) NOT NULL,
+    body, thinking_content, parts JSON, created_at DATETIME NOT NULL
+)
+"""
+# (body, thinking_content, parts) as SQL, and the field the function names, if any.
+SQLITE_CORPUS: list[tuple[str, str, str, str | None]] = [
+    ("x'00ff6e6f74'", "NULL", "NULL", "body"),  # a blob
+    ("'fine'", "x'89504e470d0a1a0a'", "NULL", "thinking_content"),
+    ("CAST(x'80ff41' AS TEXT)", "NULL", "NULL", "body"),  # stray bytes, not UTF-8
+    ("'ok'", "CAST(x'41c328' AS TEXT)", "NULL", "thinking_content"),  # a character cut short
+    ("CAST(x'eda080' AS TEXT)", "NULL", "NULL", "body"),  # an encoded UTF-16 surrogate
+    ("CAST(x'c0af' AS TEXT)", "NULL", "NULL", "body"),  # an overlong encoding
+    ("'before a NUL' || char(0) || CAST(x'ff' AS TEXT)", "NULL", "NULL", "body"),
+    ("42", "NULL", "NULL", "body"),  # a number
+    ("'text'", "3.5", "NULL", "thinking_content"),
+    ("CAST(x'ff' AS TEXT)", "NULL", "'[]'", "body"),  # undecodable even in a migrated row
+    ("'body'", "NULL", "CAST(x'5bff5d' AS TEXT)", "parts"),
+    # Not bad, but beyond the SQL (done in Python) or easy to get wrong in it:
+    ("x'00ff'", "NULL", "'[]'", None),  # a blob in a migrated row: the function never looks
+    ("'blob parts'", "NULL", "x'6e756c6c'", None),  # parts, a blob Python reads as JSON null
+    ("'a' || char(0) || 'b'", "char(0)", "NULL", None),  # NUL is a character like any other
+    ("'whitespace'", "NULL", "' null' || char(10, 13, 9)", None),  # JSON null: migrated
+    ("'after null'", "NULL", "'null' || char(0)", None),  # malformed JSON: left alone
+    ("'vertical tab'", "NULL", "char(11) || 'null'", None),  # not JSON whitespace
+    ("'number parts'", "NULL", "0", None),
+    ("'42'", "'3.5'", "NULL", None),  # numbers written as text are text
+    ("'é 😊 中文'", "'\u2028'", "NULL", None),
+]
+GOOD_FIRST = 40  # generated rows before the corpus: batches the SQL decides
+SQLITE_ROWS = GOOD_FIRST + len(SQLITE_CORPUS) + 10
+LEFT_ALONE = 4  # rows of the corpus whose parts the function keeps (not bad, not null)
+SQLITE_RAW = (
+    "SELECT id, typeof(body), hex(body), typeof(thinking_content), hex(thinking_content), "
+    "typeof(parts), hex(parts) FROM messages ORDER BY id"
+)
+
+
+def _sqlite_corpus(tmp_path: Path) -> tuple[str, str, dict[int, str]]:
+    """Two identical SQLite files of generated rows with the corpus after them; the URL of
+    each and, per bad row, the field the function names."""
+    first = tmp_path / "sql.db"
+    db = Database(f"sqlite:///{first}")
+    generated = generate_messages(SQLITE_ROWS)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(LOOSE_MESSAGES)
+        conn.execute(
+            messages.insert(), [{k: v for k, v in m.items() if k != "parts"} for m in generated]
+        )
+        for offset, (body, thinking, parts, _) in enumerate(SQLITE_CORPUS):
+            conn.exec_driver_sql(
+                f"UPDATE messages SET body = {body}, thinking_content = {thinking}, "
+                f"parts = {parts} WHERE id = ?",
+                (GOOD_FIRST + 1 + offset,),
+            )
+    db.dispose()
+    second = tmp_path / "python.db"
+    shutil.copyfile(first, second)
+    bad = {GOOD_FIRST + 1 + i: f for i, (*_, f) in enumerate(SQLITE_CORPUS) if f is not None}
+    return f"sqlite:///{first}", f"sqlite:///{second}", bad
+
+
+def _skipped(runner: Runner) -> list[tuple[Any, ...]]:
+    found = runner.skipped_rows("body_to_parts")
+    return [(r["row_id"], r["field"], r["type"], r["message"]) for r in found]
+
+
+@pytest.mark.parametrize("batch_size", [4, 1000])
+def test_sqlite_bad_input_is_recorded_as_in_python_under_skip(tmp_path, monkeypatch, batch_size):
+    in_sql_url, in_python_url, bad = _sqlite_corpus(tmp_path)
+    spy = _Spy(monkeypatch)
+    outcomes = []
+    for url, sql in ((in_sql_url, True), (in_python_url, False)):
+        db = Database(url)
+        runner = Runner(db, migrations)
+        [result] = runner.run(["body_to_parts"], batch_size=batch_size, on_error="skip", sql=sql)
+        assert result.state is State.SUCCESS
+        s = result.status
+        outcomes.append(((s.processed, s.changed, s.skipped_errors, s.kept), _skipped(runner)))
+        outcomes[-1] += (rows(db.engine, SQLITE_RAW),)
+        db.dispose()
+    assert outcomes[0] == outcomes[1]  # counters, recorded rows and every stored byte
+    (_, changed, skipped, _), recorded, _raw = outcomes[0]
+    assert [(row, field) for row, field, *_ in recorded] == sorted(bad.items())
+    assert skipped == len(bad) and changed == SQLITE_ROWS - len(bad) - LEFT_ALONE
+    assert spy.rejected >= 1 and (spy.applied >= 1 if batch_size < GOOD_FIRST else True)
+
+
+def test_sqlite_bad_input_is_named_as_in_python_under_fail(tmp_path, monkeypatch):
+    in_sql_url, in_python_url, bad = _sqlite_corpus(tmp_path)
+    spy = _Spy(monkeypatch)
+    named: list[list[tuple[Any, ...]]] = []
+    stored = []
+    for url, sql in ((in_sql_url, True), (in_python_url, False)):
+        db = Database(url)
+        runner = Runner(db, migrations)
+        named.append([])
+        while True:  # each run stops at the next bad row, which is then fixed
+            [result] = runner.run(["body_to_parts"], batch_size=4, sql=sql)
+            if result.state is State.SUCCESS:
+                break
+            error = result.error
+            assert result.state is State.FAILED and error is not None
+            named[-1].append((error.row_id, error.field, error.message, result.status.processed))
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    f"UPDATE messages SET {error.field} = 'fixed' WHERE id = ?", (error.row_id,)
+                )
+        stored.append(rows(db.engine, SQLITE_RAW))
+        db.dispose()
+    assert named[0] == named[1]
+    assert [(row, field) for row, field, *_ in named[0]] == sorted(bad.items())
+    assert stored[0] == stored[1]
+    assert spy.applied >= GOOD_FIRST // 4 and spy.rejected >= len(bad)
+
+
+# A migration of our own without a guard: a SQLite JSON function given a blob fails, and TEXT
+# that is not UTF-8 is caught by the engine; both batches are done in Python.
+notes = sa.Table(
+    "notes",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("body", sa.Text),
+    sa.Column("doc", sa.JSON),
+)
+notes_migrations = Migrations()
+
+
+@notes_migrations.migration(
+    table=notes,
+    batch_size=2,
+    sql={
+        "sqlite": lambda t: SqlChange(
+            values={"doc": sa.func.json_array(t.c.body)}, where=t.c.doc.is_(None)
+        )
+    },
+)
+def wrap_body(row: Row) -> dict[str, Any] | None:
+    if row["doc"] is not None:
+        return None
+    if not isinstance(row["body"], str):
+        raise BadValue("body", "is not text")
+    return {"doc": [row["body"]]}
+
+
+def test_sqlite_without_a_guard_rejects_blobs_and_invalid_utf8(sqlite_url, monkeypatch):
+    db = Database(sqlite_url)
+    notes.create(db.engine)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO notes (id, body) VALUES (1, 'a'), (2, 'b'), (3, x'00'), (4, 'd'), "
+            "(5, CAST(x'ff' AS TEXT)), (6, 'f'), (7, 'g'), (8, 'h')"
+        )
+    spy = _Spy(monkeypatch)
+    try:
+        [result] = Runner(db, notes_migrations).run(["wrap_body"], on_error="skip")
+        assert result.state is State.SUCCESS
+        assert (result.status.processed, result.status.changed) == (8, 6)
+        assert result.status.skipped_errors == 2
+        # Batches of 2: the two holding a bad row were rejected and done in Python; each next
+        # batch went back to SQL (the last, empty one included).
+        assert (spy.applied, spy.rejected) == (3, 2)
+        assert rows(db.engine, "SELECT id, doc FROM notes WHERE doc IS NOT NULL ORDER BY id") == [
+            (i, f'["{c}"]') for i, c in zip((1, 2, 4, 6, 7, 8), "abdfgh", strict=True)
+        ]
+    finally:
+        db.dispose()
 
 
 # -- a batch the database rejects ----------------------------------------------------------------
@@ -359,7 +553,9 @@ def test_batch_size_of_the_sql_path_applies_only_where_it_runs():
     assert flagship.default_batch_size("postgresql") == 2_500
     assert flagship.batch_size != 2_500
     assert flagship.default_batch_size("postgresql", sql=False) == flagship.batch_size
-    assert flagship.default_batch_size("sqlite") == flagship.batch_size
+    assert flagship.default_batch_size("sqlite") == 10_000
+    assert flagship.default_batch_size("sqlite", sql=False) == flagship.batch_size
+    assert flagship.default_batch_size("oracle") == flagship.batch_size  # declares none
     assert readings_migrations["parse_value"].default_batch_size("postgresql") == 4
 
 

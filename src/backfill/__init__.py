@@ -1,7 +1,17 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
 from backfill.batch import OnError
-from backfill.definition import DELETE, Keep, Migration, Migrations, Prerequisite, Row, SqlChange
+from backfill.definition import (
+    DELETE,
+    Context,
+    Existing,
+    Keep,
+    Migration,
+    Migrations,
+    Prerequisite,
+    Row,
+    SqlChange,
+)
 from backfill.errors import (
     BackfillError,
     BadValue,
@@ -27,8 +37,10 @@ __all__ = [
     "BackfillError",
     "BadValue",
     "ConfigError",
+    "Context",
     "DatabaseUnavailable",
     "DryRun",
+    "Existing",
     "GateClosed",
     "Keep",
     "LeaseHeld",

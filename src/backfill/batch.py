@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from backfill.definition import DELETE, Keep, Migration
+from backfill.definition import DELETE, Context, Form, Keep, Migration
 from backfill.errors import BadValue, RowFailed
 from backfill.store.records import Key, row_id
 from backfill.store.scan import Snapshot
@@ -59,6 +59,22 @@ class Outcome:
     def changed(self) -> int:
         return len(self.changes) + self.changed_in_database
 
+    def narrow(
+        self, changes: list[tuple[Key, dict[str, Any]]], before: dict[Key, dict[str, Any]]
+    ) -> None:
+        """Keep only `changes` (a copy's rows its target lacks): the rest change nothing.
+        `before` has, by source key, the target rows that these changes overwrite."""
+        self.changes = changes
+        chosen = {key for key, _ in changes}
+        samples = []
+        for sample in self.samples:
+            if sample.key in chosen:
+                old = before.get(sample.key)
+                shown = {} if old is None else {n: old.get(n) for n in sample.after}
+                samples.append(Sample(sample.key, shown, sample.after))
+        self.samples = samples
+        self.writes = None  # written by the copy's target, not into the scanned table
+
 
 def _failure(migration: Migration, key: Key, error: Exception) -> RowFailed:
     field_name = error.field if isinstance(error, BadValue) else None
@@ -75,45 +91,63 @@ def decide(
     on_error: OnError,
     samples: int = 0,
     writes: Writes | None = None,
-    defer: bool = False,
+    context: Context | None = None,
+    passthrough: Callable[[BaseException], bool] | None = None,
 ) -> Outcome:
     """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL.
 
     With `writes`, each change is also encoded there for the driver, so a value that cannot be
-    stored is an error on its own row rather than a failure of the whole write.
+    stored is an error on its own row rather than a failure of the whole write. A function that
+    takes a Context gets `context`; errors `passthrough` accepts (a deadlock in what the function
+    wrote through the connection, say) are not the row's and propagate as they are.
     """
     outcome = Outcome(processed=len(rows), last_key=rows.last_key, writes=writes)
+    call = _caller(migration, rows, on_error, context, passthrough)
     # This loop runs once per row of the table: names are bound to locals once, and a change is
     # told from "no change" by cheap checks first (a type differs) before comparing values.
     function = migration.function
-    columns = frozenset(c.name for c in migration.table.columns)
-    keys = frozenset(c.name for c in migration.key)
+    written = migration.table if migration.in_place else migration.target
+    assert written is not None
+    columns = frozenset(c.name for c in written.columns)
+    keys = frozenset(c.name for c in migration.key) if migration.in_place else frozenset()
+    # A copy's row is whole (every column it sets), not a difference from the row read, and
+    # must say which target row it is.
+    compare = migration.in_place
+    required = () if written is migration.table else tuple(written.primary_key.columns.keys())
     changes, faults = outcome.changes, rows.faults
-    encode = None if writes is None else writes.defer if defer else writes.add
+    encode = None if writes is None else writes.add
     for position, (key, values) in enumerate(zip(rows.keys, rows.values, strict=True)):
         try:
             if faults and position in faults:
                 fault = faults[position]
                 raise BadValue(fault.field, fault.reason)
-            result = function(values)
+            result = function(values) if call is None else call(position, values)
             if result is None:
                 continue
             if isinstance(result, Keep):
                 outcome.kept.append(key)
                 continue
+            if isinstance(result, Changed):
+                outcome.changed_in_database += result.rows
+                continue
+            for name in required:
+                if result.get(name) is None:
+                    raise BadValue(name, f"is the key of table {written.name!r} and must be set")
             diff: dict[str, Any] = {}
             for name, value in result.items():
                 if name not in columns:
-                    raise BadValue(name, f"is not a column of table {migration.table.name!r}")
+                    raise BadValue(name, f"is not a column of table {written.name!r}")
                 if name in keys:
                     outcome.moves_keys = True
                 new = None if value is DELETE else value
-                old = values.get(name, _ABSENT)
+                old = values.get(name, _ABSENT) if compare else _ABSENT
                 if type(old) is not type(new) or old is _ABSENT or old != new:
                     diff[name] = new
             if diff and encode is not None:
                 encode(key, diff)
         except Exception as error:  # noqa: BLE001 - any error in user code is about this row
+            if passthrough is not None and passthrough(error):
+                raise
             failure = _failure(migration, key, error)
             if on_error is OnError.FAIL:
                 raise failure from error
@@ -122,9 +156,111 @@ def decide(
         if diff:
             changes.append((key, diff))
             if len(outcome.samples) < samples:
-                before = {name: values.get(name) for name in diff}
+                before = {name: values.get(name) for name in diff} if compare else {}
                 outcome.samples.append(Sample(key, before, diff))
     return outcome
+
+
+Caller = Callable[[int, dict[str, Any]], Any]
+
+
+def _caller(
+    migration: Migration,
+    rows: Rows,
+    on_error: OnError,
+    context: Context | None,
+    passthrough: Callable[[BaseException], bool] | None,
+) -> Caller | None:
+    """How decide gets a row's result: None for a plain row function (called directly, the hot
+    path); otherwise a function of (position, row) that passes the Context, in a savepoint under
+    OnError.SKIP, or hands out the results of one call of a batch function."""
+    function = migration.function
+    takes_context = migration.takes_context
+    if takes_context and context is None:
+        raise TypeError(f"migration {migration.name!r} takes a Context; none was given")
+    args: tuple[Any, ...] = (context,) if takes_context else ()
+
+    def isolated(argument: Any) -> Any:
+        """The call in a savepoint: if it raises, what it wrote through the connection goes."""
+        assert context is not None
+        with context.conn.begin_nested():
+            return function(argument, *args)
+
+    def plain(argument: Any) -> Any:
+        return function(argument, *args)
+
+    # A skipped row must leave nothing behind; a failed one rolls the whole batch back anyway.
+    guarded = isolated if takes_context and on_error is OnError.SKIP else plain
+    if migration.form is Form.ROW:
+        if not takes_context:
+            return None
+        return lambda _position, values: guarded(values)
+    whole = isolated if takes_context else plain
+    results = _batch_results(migration, rows, whole, guarded, passthrough)
+
+    def result_at(position: int, _values: dict[str, Any]) -> Any:
+        result = results[position]
+        if isinstance(result, _Raised):
+            raise result.error
+        return result
+
+    return result_at
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Changed:
+    """A batch function's count of rows it changed itself (carried by the batch's first row)."""
+
+    rows: int
+
+
+def _batch_results(
+    migration: Migration,
+    rows: Rows,
+    whole: Callable[[Any], Any],
+    single: Callable[[Any], Any],
+    passthrough: Callable[[BaseException], bool] | None,
+) -> list[Any]:
+    """One call of a batch function over the rows the engine could decode, as a result per row.
+    If it raises, it is called again one row at a time (`whole` ran in a savepoint when the
+    function writes, so nothing of the failed call stays), and only the rows at fault fail."""
+    positions = [p for p in range(len(rows)) if p not in rows.faults]
+
+    def call(chosen: list[int], function: Callable[[Any], Any]) -> list[Any]:
+        result = function([rows.values[p] for p in chosen])
+        if isinstance(result, int) and not isinstance(result, bool):
+            return [Changed(result)] + [None] * (len(chosen) - 1)
+        listed = list(result)
+        if len(listed) != len(chosen):
+            raise TypeError(
+                f"the batch function returned {len(listed)} changes for {len(chosen)} rows "
+                "(one per row, in order, or the number of rows it changed)"
+            )
+        return listed
+
+    results: list[Any] = [None] * len(rows)
+    if not positions:
+        return results
+    try:
+        for position, result in zip(positions, call(positions, whole), strict=True):
+            results[position] = result
+        return results
+    except Exception as error:  # noqa: BLE001 - narrowed below, row by row
+        if passthrough is not None and passthrough(error):
+            raise
+    for position in positions:
+        try:
+            (results[position],) = call([position], single)
+        except Exception as error:  # noqa: BLE001 - this row's
+            if passthrough is not None and passthrough(error):
+                raise
+            results[position] = _Raised(error)
+    return results
 
 
 @dataclass(frozen=True)
@@ -135,10 +271,8 @@ class Ahead:
     rows in between: same cursor, and the store's snapshot token unchanged (no other connection
     committed since the previous transaction took the write lock).
 
-    Its changes are encoded later (`encode`), while the previous batch commits, and what is
-    left then by the committing thread. A batch that fails on a row, or has a value that cannot
-    be stored, is not kept: the transaction reads and decides it again, which reports the
-    failure in order, exactly as a plain run does.
+    A batch that fails on a row is not kept: the transaction reads and decides it again, which
+    reports the failure exactly as a plain run does.
     """
 
     cursor: Key | None
@@ -156,20 +290,10 @@ class Ahead:
         snapshot: Snapshot,
     ) -> Ahead:
         try:
-            outcome = decide(migration, rows, on_error, writes=writes, defer=True)
+            outcome = decide(migration, rows, on_error, writes=writes)
         except RowFailed:
             return cls(cursor, snapshot)
         return cls(cursor, snapshot, outcome)
-
-    def encode(self, enough: Callable[[], bool]) -> Ahead | None:
-        """Encode the changes until `enough()`; None when one cannot be stored (do it again)."""
-        writes = None if self.outcome is None else self.outcome.writes
-        if writes is not None:
-            try:
-                writes.encode_deferred(enough)
-            except BadValue:
-                return None
-        return self
 
     def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Outcome | None:
         """The outcome to use in the transaction that sees `snapshot`; None: read again."""

@@ -1,13 +1,16 @@
-"""What a migration is: a table, a key, a function and what must hold before it may run.
+"""What a migration is: a table, a key, a range, a function and what must hold before it may run.
 
-This module knows no database connection: it only describes work that the runner later does.
+This module knows no database connection: it only describes work that the runner later does
+(a table given by name is reflected by the runner, on its own database).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -45,9 +48,55 @@ class Keep:
     reason: str
 
 
+@dataclass(frozen=True)
+class Context:
+    """The second argument of a migration function that takes two: the batch's own work.
+
+    `conn` is the connection of the batch's transaction (SQLAlchemy Core): what the function
+    writes through it commits with the batch and its cursor, or rolls back with it. Under
+    `--on-error skip` each row (each batch call, for a batch function) runs in a savepoint, so
+    a row that raises leaves nothing behind. `dry_run` is true in dry runs, `verify` and
+    `count`, whose transactions are rolled back whatever the function writes.
+    """
+
+    conn: sa.Connection  # this module opens none: the runner hands the batch's own
+    migration: str
+    dry_run: bool = False
+
+
 # What a migration function may return for one row.
 Change = Mapping[str, Any] | Keep | None
-MigrationFunction = Callable[[Row], Change]
+# A row function takes the row, or the row and a Context. A batch function takes the batch's
+# rows (and a Context) and returns a change per row, in order, or the number of rows it
+# changed itself through `Context.conn` (one set-based statement per batch, say).
+MigrationFunction = Callable[..., Any]
+
+
+class Form(StrEnum):
+    ROW = "row"  # the function takes one row
+    BATCH = "batch"  # the function takes the batch's rows
+
+
+class Existing(StrEnum):
+    """What a copy does with a target row that is already there (the app wrote it, or an earlier
+    run did): KEEP it as it is, or UPDATE it to what the function gives."""
+
+    KEEP = "keep"
+    UPDATE = "update"
+
+
+def _takes_context(function: Callable[..., Any]) -> bool:
+    """Whether `function` takes a second positional argument (the Context)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
 
 
 @dataclass(frozen=True)
@@ -74,6 +123,12 @@ class SqlChange:
     it, so a bad row is named, or recorded under `--on-error skip`, exactly as without SQL. A
     migration must declare only what it has shown equivalent on its data (a test comparing
     both paths); rows it would `Keep` cannot be told apart in SQL.
+
+    `guard`, when given, is the predicate of the rows the SQL handles faithfully (say, values
+    of the storage class it expects, where SQLite lets any value into any column): a batch
+    with a row in its range outside it is done through the function instead, which names or
+    records the bad row. On SQLite the engine also sends there every batch holding TEXT that
+    is not valid UTF-8 in a column the function reads (it could not even hand that row over).
     """
 
     values: Mapping[str, Any]
@@ -81,6 +136,7 @@ class SqlChange:
     # Rows per batch when batches are decided in the database (no Python per row, so larger
     # batches pay off); None: the migration's batch_size. `run --batch-size` overrides both.
     batch_size: int | None = None
+    guard: Any = None  # a boolean SQLAlchemy expression; None: every row
 
     def __post_init__(self) -> None:
         if not self.values:
@@ -93,9 +149,15 @@ class SqlChange:
             )
 
 
-# Per dialect name ("postgresql", "sqlite"): a SqlChange, or a function of the migration's
-# table that returns one (built when first needed; handy for `table.c.<name>`).
+_MYSQL_FAMILY = ("mysql", "mariadb")
+
+# Per dialect name ("postgresql", "sqlite", "mysql" or "mariadb"): a SqlChange, or a function
+# of the migration's table that returns one (built when first needed; handy for `table.c.<name>`).
 SqlChanges = Mapping[str, SqlChange | Callable[[sa.Table], SqlChange]]
+
+
+# A range: a boolean SQLAlchemy expression over the table, or a function of the table giving one.
+Range = Any
 
 
 @dataclass(frozen=True)
@@ -109,6 +171,18 @@ class Migration:
     requires: Prerequisite | None = None
     description: str = ""
     sql: SqlChanges = field(default_factory=dict, hash=False, compare=False)
+    # Only rows matching this predicate are scanned (None: the whole table).
+    where: Range = field(default=None, hash=False, compare=False)
+    # Columns of a unique, index-backed key to walk in order; empty: the primary key.
+    key_columns: tuple[str, ...] = ()
+    form: Form = Form.ROW
+    takes_context: bool = False
+    # A copy writes the function's rows into `target` (inserted, never duplicated) and leaves
+    # the scanned table as it is.
+    target: sa.Table | None = field(default=None, hash=False, compare=False)
+    existing: Existing = Existing.KEEP
+    # True while `table` (and `target`) are names still to be reflected from the database.
+    reflect: bool = False
 
     def default_batch_size(self, dialect: str, *, sql: bool = True) -> int:
         """Rows per batch unless the run says otherwise: the SqlChange's own when batches on
@@ -121,6 +195,10 @@ class Migration:
     def sql_change(self, dialect: str) -> SqlChange | None:
         """The declared SQL equivalent for `dialect`, checked against the table; None if none."""
         declared = self.sql.get(dialect)
+        if declared is None and dialect in _MYSQL_FAMILY:
+            # SQLAlchemy names the dialect by the URL (mysql+pymysql, mariadb+pymysql): one
+            # declaration serves both names.
+            declared = next((self.sql[d] for d in _MYSQL_FAMILY if d in self.sql), None)
         if declared is None:
             return None
         change = declared if isinstance(declared, SqlChange) else declared(self.table)
@@ -145,6 +223,8 @@ class Migration:
 
     @property
     def key(self) -> tuple[sa.Column[Any], ...]:
+        if self.key_columns:
+            return tuple(self.table.c[n] for n in self.key_columns)
         return tuple(self.table.primary_key.columns)
 
     @property
@@ -153,6 +233,59 @@ class Migration:
         names = self.columns or tuple(c.name for c in self.table.columns)
         rest = tuple(self.table.c[n] for n in names if n not in {k.name for k in key})
         return key + rest
+
+    @property
+    def range(self) -> sa.ColumnElement[bool] | None:
+        """The predicate restricting the scan, built over this migration's table."""
+        where = self.where
+        predicate: sa.ColumnElement[bool] | None = where(self.table) if callable(where) else where
+        return predicate
+
+    @property
+    def in_place(self) -> bool:
+        """The function's changes are written back to the scanned rows (not a copy)."""
+        return self.target is None
+
+    def resolved(self, tables: Callable[[str, str | None], sa.Table]) -> Migration:
+        """This migration over real tables: names looked up with `tables(name, schema)`."""
+        if not self.reflect:
+            return self
+        table = tables(self.table.name, self.table.schema)
+        target = self.target
+        if target is not None:
+            target = tables(target.name, target.schema)
+        migration = replace(self, table=table, target=target, reflect=False)
+        migration.check()
+        return migration
+
+    def check(self) -> None:
+        """Refuse a definition that cannot work on its tables (raised at definition time, or
+        when tables given by name have been reflected)."""
+        table = self.table
+        if not self.key:
+            raise ValueError(f"table {table.name!r} has no primary key to order batches by")
+        for column in (*self.columns, *self.key_columns):
+            if column not in table.c:
+                raise ValueError(f"table {table.name!r} has no column {column!r}")
+        if self.target is not None:
+            if not self.target.primary_key.columns:
+                raise ValueError(
+                    f"target table {self.target.name!r} has no primary key: copies are made "
+                    "idempotent by the target's key"
+                )
+            if self.sql:
+                raise ValueError(f"migration {self.name!r}: a copy cannot declare `sql`")
+        for dialect, declared in self.sql.items():
+            if isinstance(declared, SqlChange):
+                self.sql_change(dialect)  # checked now; a function is checked when used
+
+
+def _named(table: sa.Table | str) -> tuple[sa.Table, bool]:
+    """A Table as given, or a stand-in for one given by name (reflected by the runner)."""
+    if isinstance(table, sa.Table):
+        return table, False
+    schema, _, name = table.rpartition(".") if "." in table else (None, "", table)
+    return sa.Table(name, sa.MetaData(), schema=schema or None), True
 
 
 @dataclass
@@ -164,40 +297,109 @@ class Migrations:
     def migration(
         self,
         *,
-        table: sa.Table,
+        table: sa.Table | str,
         batch_size: int = 100,
         name: str | None = None,
         columns: Sequence[str] = (),
         requires: Prerequisite | None = None,
         sql: SqlChanges | None = None,
+        where: Range = None,
+        key: Sequence[str] = (),
     ) -> Callable[[MigrationFunction], MigrationFunction]:
-        """Register the decorated function as a migration over `table`; `sql` optionally
-        says the same change in SQL per dialect (see SqlChange)."""
+        """Register the decorated function as a migration over `table` (a Table, or a name to
+        reflect: "Message", "schema.Message"). The function takes a row, or a row and a
+        Context, and returns the fields to change. `where` restricts the scan to a range;
+        `key` names a unique, index-backed key to walk instead of the primary key; `sql`
+        optionally says the same change in SQL per dialect (see SqlChange)."""
+        return self._register(table, batch_size, name, columns, requires, sql, where, key, Form.ROW)
+
+    def batch_migration(
+        self,
+        *,
+        table: sa.Table | str,
+        batch_size: int = 100,
+        name: str | None = None,
+        columns: Sequence[str] = (),
+        requires: Prerequisite | None = None,
+        where: Range = None,
+        key: Sequence[str] = (),
+    ) -> Callable[[MigrationFunction], MigrationFunction]:
+        """Register a function of a whole batch: `f(rows)` or `f(rows, ctx)` returns a change per
+        row (in order), or the number of rows it changed itself through `ctx.conn`. A batch that
+        raises is called again one row at a time, so the bad row is named (or skipped)."""
+        return self._register(
+            table, batch_size, name, columns, requires, None, where, key, Form.BATCH
+        )
+
+    def copy(
+        self,
+        *,
+        source: sa.Table | str,
+        target: sa.Table | str,
+        batch_size: int = 100,
+        name: str | None = None,
+        columns: Sequence[str] = (),
+        requires: Prerequisite | None = None,
+        where: Range = None,
+        key: Sequence[str] = (),
+        existing: Existing | str = Existing.KEEP,
+    ) -> Callable[[MigrationFunction], MigrationFunction]:
+        """Register a copy: `f(row)` (or `f(row, ctx)`) returns the row to put in `target`
+        (every column it sets, the target's key included) or None to copy nothing. Rows are
+        inserted with the source batch's cursor in one transaction; a target row already there
+        is kept (`existing="keep"`) or updated (`"update"`), so a re-run never duplicates.
+        `source` is never written."""
+        target_table, target_named = _named(target)
+        return self._register(
+            source, batch_size, name, columns, requires, None, where, key, Form.ROW,
+            target=target_table, target_named=target_named, existing=Existing(existing),
+        )  # fmt: skip
+
+    def _register(
+        self,
+        table: sa.Table | str,
+        batch_size: int,
+        name: str | None,
+        columns: Sequence[str],
+        requires: Prerequisite | None,
+        sql: SqlChanges | None,
+        where: Range,
+        key: Sequence[str],
+        form: Form,
+        *,
+        target: sa.Table | None = None,
+        target_named: bool = False,
+        existing: Existing = Existing.KEEP,
+    ) -> Callable[[MigrationFunction], MigrationFunction]:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if not table.primary_key.columns:
-            raise ValueError(f"table {table.name!r} has no primary key to order batches by")
+        source, source_named = _named(table)
+        if source_named != target_named and target is not None:
+            raise ValueError("give source and target both as Tables, or both by name")
 
         def register(function: MigrationFunction) -> MigrationFunction:
             migration_name = name or function.__name__
             if migration_name in self._by_name:
                 raise ValueError(f"migration {migration_name!r} is defined twice")
-            for column in columns:
-                if column not in table.c:
-                    raise ValueError(f"table {table.name!r} has no column {column!r}")
             migration = Migration(
                 name=migration_name,
-                table=table,
+                table=source,
                 function=function,
                 batch_size=batch_size,
                 columns=tuple(columns),
                 requires=requires,
                 description=(function.__doc__ or "").strip().split("\n")[0],
                 sql=dict(sql or {}),
+                where=where,
+                key_columns=tuple(key),
+                form=form,
+                takes_context=_takes_context(function),
+                target=target,
+                existing=existing,
+                reflect=source_named,
             )
-            for dialect, declared in migration.sql.items():
-                if isinstance(declared, SqlChange):
-                    migration.sql_change(dialect)  # checked now; a function is checked when used
+            if not source_named:
+                migration.check()
             self._by_name[migration_name] = migration
             return function
 

@@ -27,17 +27,19 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.batch import Ahead, OnError, Outcome, decide
-from backfill.definition import Migration
-from backfill.errors import BadValue, LeaseLost
+from backfill.definition import Context, Form, Migration
+from backfill.errors import LeaseLost
 from backfill.pacing import Clock
 from backfill.progress import MigrationStatus
 from backfill.retry import Transient
 from backfill.state import State
 from backfill.store import records
+from backfill.store.copy import CopyTarget
 from backfill.store.database import Database
 from backfill.store.expression import Rejected, SqlBatch
 from backfill.store.records import Key, encode_key
 from backfill.store.scan import Snapshot, TableScan
+from backfill.store.values import Rows
 
 GIL_HANDOFF_SECONDS = 0.0005
 
@@ -45,6 +47,51 @@ GIL_HANDOFF_SECONDS = 0.0005
 @dataclass(frozen=True)
 class Batch:
     done: bool
+
+
+class Decider:
+    """A migration's decisions on the rows of a batch, on the connection of its transaction:
+    the function (given a Context if it takes one) and, for a copy, what its target lacks.
+    Runs, dry runs and read-only scans (verify) all decide through it."""
+
+    def __init__(self, db: Database, migration: Migration, scan: TableScan) -> None:
+        self.db = db
+        self.migration = migration
+        self.scan = scan
+        self.copier = None if migration.in_place else CopyTarget(db.engine, migration)
+        # Only a plain function of a row, written back in place, may be decided outside the
+        # batch's transaction (read ahead): the others need its connection.
+        self.needs_transaction = (
+            migration.takes_context or migration.form is Form.BATCH or not migration.in_place
+        )
+
+    def _transient(self, error: BaseException) -> bool:
+        return self.db.transient(error) is not None
+
+    def __call__(
+        self,
+        conn: sa.Connection,
+        rows: Rows,
+        policy: OnError,
+        *,
+        samples: int = 0,
+        write: bool = True,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Decide `rows`; with `write`, a copy's rows are written (in place changes are written
+        by the caller, from `outcome.writes`)."""
+        migration, copier = self.migration, self.copier
+        context = Context(conn, migration.name, dry_run) if migration.takes_context else None
+        writes = self.scan.writes() if copier is None else copier.writes()
+        outcome = decide(
+            migration, rows, policy, samples, writes, context=context, passthrough=self._transient
+        )
+        if copier is not None:
+            kept, before = copier.settle(
+                conn, outcome.changes, outcome.writes, lock=write, write=write
+            )
+            outcome.narrow(kept, before)
+        return outcome
 
 
 class Batches:
@@ -68,6 +115,7 @@ class Batches:
         self.policy = policy
         self.clock = clock
         self.scan = TableScan(db.engine, migration)
+        self.decider = Decider(db, migration, self.scan)
         self.ledger = records.Ledger(db.engine.dialect, migration.name, generation)
         self.progress = _Progress(record)
         # The migration's declared SQL for this dialect, unless the run asked for Python only.
@@ -116,8 +164,6 @@ class Batches:
             batch = self._next(self.in_database)
         except Rejected:
             batch = self._next(None)
-        except _Unstorable:
-            batch = self._next(self.in_database)  # again, in order: the row is reported
         if self._timings is not None and batch is not None:
             rows = self.progress.values["processed"] - processed
             self._timings.write(f"{_time.perf_counter() - started:.6f} {rows}\n")
@@ -146,7 +192,7 @@ class Batches:
                 snapshot = None  # the next batch is decided in the database too: no read-ahead
             if outcome is None:
                 rows = scan.read(conn, progress.cursor, self.size)
-                outcome = decide(self.migration, rows, self.policy, writes=scan.writes())
+                outcome = self.decider(conn, rows, self.policy)
             now = self.clock()
             records.record_skipped(
                 conn,
@@ -161,17 +207,17 @@ class Batches:
                 values.update(state=str(State.SUCCESS), finished_at=now, heartbeat_at=None)
             if not self.ledger.advance(conn, values):
                 raise lease_lost(name)
-            if done or snapshot is None or outcome.moves_keys:
+            # No read-ahead where batches are decided in the database: a batch done in Python
+            # (rejected by the SQL) must not pull the next one out of the SQL path.
+            ahead_useful = self.in_database is None and not self.decider.needs_transaction
+            if done or snapshot is None or outcome.moves_keys or not ahead_useful:
                 _write_and_commit(conn, scan, outcome, transaction)
             else:
                 committing = self._committer.submit(
                     _write_and_commit, conn, scan, outcome, transaction
                 )
                 try:
-                    ahead = self._read_ahead(_Progress.decode(values["cursor"]), snapshot)
-                    # What is left of the commit's time goes to encoding the next batch; the
-                    # committing thread encodes the rest itself (see _write_and_commit).
-                    self._ahead = None if ahead is None else ahead.encode(committing.done)
+                    self._ahead = self._read_ahead(_Progress.decode(values["cursor"]), snapshot)
                 finally:
                     committing.result()  # the commit's own error, if any, wins
         except BaseException:
@@ -241,22 +287,10 @@ class _Progress:
         return None if cursor is None else tuple(json.loads(cursor))
 
 
-class _Unstorable(Exception):
-    """A value of a batch decided ahead cannot be stored: the batch is done again, in order."""
-
-
 def _write_and_commit(
     conn: sa.Connection, scan: TableScan, outcome: Outcome, transaction: sa.RootTransaction
 ) -> None:
     if outcome.writes is not None and outcome.changes:
-        # A batch decided ahead comes partly encoded: the main thread encodes it while the
-        # previous batch commits, until that commit ends, and this thread the rest. Measured,
-        # encoding was a third of the main thread's work, and either thread alone doing all of
-        # it made that thread the one the other waited for.
-        try:
-            outcome.writes.encode_deferred()
-        except BadValue as error:
-            raise _Unstorable from error
         scan.write(conn, outcome.writes)
     transaction.commit()
 

@@ -13,6 +13,17 @@ times in a row (`BACKFILL_RETRIES`, default 5):
 | 57P01-03 | server shutting down, crashed, or starting up (a restart)           |
 | 08xxx    | connection exceptions                                               |
 
+MySQL and MariaDB drivers give error numbers instead:
+
+| error | cause                                                                 |
+|-------|-----------------------------------------------------------------------|
+| 1213  | deadlock (InnoDB rolled the transaction back)                         |
+| 1205  | lock wait timeout (our `innodb_lock_wait_timeout`)                    |
+| 1969  | MariaDB's `max_statement_time` exceeded (the batch size halves)       |
+| 3024  | MySQL's `max_execution_time` exceeded (the batch size halves)         |
+| 1053  | server shutting down                                                  |
+| 1927, 2003, 2006, 2013, 4031 | connection killed, refused, gone away, lost, timed out |
+
 plus a connection the driver reports lost or closed (`pg_terminate_backend`, a restart, a network
 failure); the batch's connection is then replaced. Anything else (a row the function rejects, a
 constraint violation, a lease lost) is not retried.
@@ -52,6 +63,18 @@ _BY_SQLSTATE = {
     "57P02": SERVER_RESTART,  # crash_shutdown
     "57P03": SERVER_RESTART,  # cannot_connect_now: starting up or shutting down
 }
+_BY_MYSQL_ERROR = {
+    1213: DEADLOCK,  # ER_LOCK_DEADLOCK
+    1205: LOCK_TIMEOUT,  # ER_LOCK_WAIT_TIMEOUT
+    1969: STATEMENT_TIMEOUT,  # ER_STATEMENT_TIMEOUT (MariaDB)
+    3024: STATEMENT_TIMEOUT,  # ER_QUERY_TIMEOUT (MySQL)
+    1053: SERVER_RESTART,  # ER_SERVER_SHUTDOWN
+    1927: CONNECTION_LOST,  # ER_CONNECTION_KILLED (MariaDB: KILL, or a shutdown)
+    2003: CONNECTION_LOST,  # CR_CONN_HOST_ERROR: refused while the server restarts
+    2006: CONNECTION_LOST,  # CR_SERVER_GONE_ERROR
+    2013: CONNECTION_LOST,  # CR_SERVER_LOST
+    4031: CONNECTION_LOST,  # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
+}
 _RECONNECT = frozenset({SERVER_RESTART, CONNECTION_LOST})
 # How many errors deep to look: a rollback that fails on a dead connection raises its own error,
 # with the one that killed the batch as its context.
@@ -67,7 +90,7 @@ class Transient:
     """Why a batch failed in a way worth trying again."""
 
     cause: str  # one of the names above
-    sqlstate: str | None
+    sqlstate: str | None  # or, from MySQL's drivers, the error number
     error_type: str  # the driver's exception class, e.g. LockNotAvailable
     message: str  # the driver's first line
 
@@ -92,6 +115,17 @@ def sqlstate(error: BaseException) -> str | None:
         value = getattr(error, attribute, None)
         if isinstance(value, str) and value:
             return value
+    return None
+
+
+def mysql_errno(error: BaseException) -> int | None:
+    """The error number a MySQL driver's error carries first in its args (PyMySQL, mysqlclient;
+    0 for its own client-side errors, which is no number); PostgreSQL's and SQLite's drivers put
+    text there."""
+    args = getattr(error, "args", ())
+    number = args[0] if args else None
+    if isinstance(number, int) and not isinstance(number, bool) and number > 0:
+        return number
     return None
 
 
@@ -132,12 +166,20 @@ def classify(
 
 def _one(error: BaseException, is_disconnect: Callable[[BaseException], bool]) -> Transient | None:
     orig = driver_error(error)
-    code = sqlstate(orig)
     message = first_line(orig)
-    cause = _BY_SQLSTATE.get(code or "")
+    # MySQL's SQLSTATEs are coarse (HY000 for most, 40001 for a deadlock): its number decides.
+    number = mysql_errno(orig)
+    code = sqlstate(orig)
+    if number is not None:
+        code, cause = str(number), _BY_MYSQL_ERROR.get(number)
+        text = str(orig.args[1]).strip() if len(orig.args) > 1 else ""
+        if text:
+            message = text.splitlines()[0]  # without the number: that is `code`
+    else:
+        cause = _BY_SQLSTATE.get(code or "")
     if cause is None and code is not None and code.startswith("08"):
         cause = CONNECTION_LOST
-    if cause == STATEMENT_TIMEOUT and "statement timeout" not in message:
+    if cause == STATEMENT_TIMEOUT and number is None and "statement timeout" not in message:
         cause = None  # canceled by someone (pg_cancel_backend): not ours to retry
     if cause is None and (
         (isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated)

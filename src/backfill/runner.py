@@ -22,17 +22,18 @@ import sqlalchemy as sa
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import OnError, Outcome, Sample, decide
+from backfill.batch import OnError, Outcome, Sample
 from backfill.definition import Migration, Migrations
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
 from backfill.pacing import Clock, wall_clock
-from backfill.pipeline import Batches, lease_lost
+from backfill.pipeline import Batches, Decider, lease_lost
 from backfill.progress import MigrationStatus
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.records import Key, row_id
-from backfill.store.scan import TableScan, check_table, scan_descriptor
+from backfill.store.reflection import reflect_table
+from backfill.store.scan import TableScan, check_table, describe_scan, scan_descriptor
 
 ProgressListener = Callable[[MigrationStatus], None]
 SAMPLE_IDS = 20
@@ -126,6 +127,21 @@ class Runner:
         self.clock = clock
         self.lease_seconds = lease_seconds if lease_seconds is not None else leases.lease_seconds()
         self.me = leases.Identity.current()
+        self._resolved: dict[str, Migration] = {}
+
+    def migration(self, name: str) -> Migration:
+        """The migration called `name`, over this database's tables (reflected, when it names
+        them rather than giving Tables)."""
+        migration = self.migrations[name]
+        if not migration.reflect:
+            return migration
+        if name not in self._resolved:
+            with self.db.unavailable_as_error():
+                self._resolved[name] = migration.resolved(self._reflect)
+        return self._resolved[name]
+
+    def _reflect(self, table: str, schema: str | None) -> sa.Table:
+        return reflect_table(self.db.engine, table, schema)
 
     # -- reading state ------------------------------------------------------------------------
 
@@ -216,21 +232,24 @@ class Runner:
 
     def _scan_all(self, migration: Migration) -> Iterator[Outcome]:
         scan = TableScan(self.db.engine, migration)
+        decider = Decider(self.db, migration, scan)
         cursor: Key | None = None
         while True:
-            with self.db.read() as conn:
+            # Rolled back: a function given the connection may write, and must leave nothing.
+            with self.db.read(rollback=True) as conn:
                 rows = scan.read(conn, cursor, migration.batch_size, lock=False)
-            if not rows:
-                return
-            # Encoded as a run would, so a value that cannot be stored counts as raising.
-            yield decide(migration, rows, OnError.SKIP, writes=scan.writes())
+                if not rows:
+                    return
+                # Encoded as a run would, so a value that cannot be stored counts as raising.
+                outcome = decider(conn, rows, OnError.SKIP, write=False, dry_run=True)
+            yield outcome
             cursor = rows.last_key
             if len(rows) < migration.batch_size:
                 return
 
     def verify(self, name: str) -> Verification:
         """Full read-only scan: rows the migration would still change, and rows it raises on."""
-        migration = self.migrations[name]
+        migration = self.migration(name)
         with self.db.unavailable_as_error():
             check_table(self.db.engine, migration)
             remaining = raising = kept = 0
@@ -273,7 +292,7 @@ class Runner:
     ) -> list[RunResult]:
         """Run the migrations one after another; stop at the first that fails or is canceled.
         `sql=False` ignores declared SQL (SqlChange): every row goes through the function."""
-        chosen = [self.migrations[name] for name in names]
+        chosen = [self.migration(name) for name in names]
         policy = OnError(on_error)
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch size must be at least 1")
@@ -327,7 +346,7 @@ class Runner:
 
     def _count_total(self, migration: Migration) -> tuple[int, bool]:
         """Rows in the migration's range, once per run; (total, whether it is an estimate)."""
-        return self.db.total_rows(migration.table)
+        return self.db.total_rows(migration.table, migration.range)
 
     def _run_one(
         self,
@@ -341,7 +360,9 @@ class Runner:
         sql: bool = True,
     ) -> RunResult:
         name = migration.name
-        scan_id = scan_descriptor(migration)
+        scan_id = scan_descriptor(migration, self.db.engine.dialect)
+        if not restart:
+            self._refuse_other_scan(migration, scan_id)
         total, estimated = self._count_total(migration)
         claimed = leases.enter(
             self.db,
@@ -358,8 +379,6 @@ class Runner:
         if claimed is None:
             return RunResult(name, self.status([name])[name], already_done=True)
         generation, record = claimed
-        if record["scan"] != scan_id:
-            raise SchemaMismatch(f"migration {name!r} changed its table or key")
         interval = max(self.lease_seconds / 3, 0.05)
         with (
             leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
@@ -369,6 +388,24 @@ class Runner:
             ) as batches,
         ):
             return self._loop(name, generation, batches, pause, listener, heartbeat, signals)
+
+    def _refuse_other_scan(self, migration: Migration, scan_id: str) -> None:
+        """A half-done migration whose table, key or range changed since its cursor was saved
+        cannot resume: the cursor is a position in the old scan."""
+        name = migration.name
+        with self.db.read() as conn:
+            record = records.load(conn, name)
+        if record is None or record.cursor is None or record["scan"] in (None, scan_id):
+            return
+        if self._observed(record) in (State.SUCCESS, State.PENDING):
+            return
+        raise SchemaMismatch(
+            f"migration {name!r} is half done ({record['processed']} rows) over "
+            f"{describe_scan(record['scan'])}, but is now defined over "
+            f"{describe_scan(scan_id)}; its cursor cannot move to another range or key. "
+            f"Start it again from the beginning with `backfill run {name} --restart` "
+            f"(or `backfill reset {name}`), or restore the old definition to finish it"
+        )
 
     def _loop(
         self,
@@ -432,6 +469,7 @@ class Runner:
     def _dry_run(self, migration: Migration, size: int, batches: int, policy: OnError) -> RunResult:
         """Run batches through the real path inside one transaction, then roll it all back."""
         scan = TableScan(self.db.engine, migration)
+        decider = Decider(self.db, migration, scan)
         with self.db.engine.connect() as conn:
             # The batch's timeouts too: a dry run locks rows like a run, and must not queue the
             # application behind it either.
@@ -446,9 +484,7 @@ class Runner:
                     rows = scan.read(conn, cursor, size)
                     if not rows:
                         break
-                    outcome = decide(
-                        migration, rows, policy, samples=10 - len(samples), writes=scan.writes()
-                    )
+                    outcome = decider(conn, rows, policy, samples=10 - len(samples), dry_run=True)
                     if outcome.writes is not None and outcome.changes:
                         scan.write(conn, outcome.writes)
                     samples += outcome.samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -17,29 +18,66 @@ _LEGACY = ("body", "thinking_content", "parts")
 migrations = Migrations()
 
 
+def _derived_parts(
+    table: sa.Table, build_object: Callable[..., Any], build_array: Callable[..., Any]
+) -> sa.ColumnElement[Any]:
+    """`derive_parts` in SQL: reasoning then text, an empty or NULL value omitted, `[]` when
+    neither, with the dialect's JSON object and array constructors."""
+    thinking, body = table.c.thinking_content, table.c.body
+    label: sa.ColumnElement[str] = sa.literal_column("'type'")
+    text: sa.ColumnElement[str] = sa.literal_column("'text'")
+    reasoning_part = build_object(label, sa.literal_column("'reasoning'"), text, thinking)
+    text_part = build_object(label, text, text, body)
+    has_thinking = sa.func.coalesce(thinking, "") != ""
+    has_body = sa.func.coalesce(body, "") != ""
+    return sa.case(
+        (sa.and_(has_thinking, has_body), build_array(reasoning_part, text_part)),
+        (has_thinking, build_array(reasoning_part)),
+        (has_body, build_array(text_part)),
+        else_=build_array(),
+    )
+
+
+def parts_in_sqlite(table: sa.Table) -> SqlChange:
+    """`body_to_parts` in SQLite: the same parts as `derive_parts`, built with json_array and
+    json_object, whose text is byte for byte what the Python path writes (same escapes,
+    compact, UTF-8 as is).
+
+    The rows changed are those whose parts the function sees as None: SQL NULL, and TEXT that
+    Python's JSON decoder reads as `null` (JSON whitespace around it, exactly). SQLite lets any
+    value into any column, so the guard keeps to the rows this SQL handles as the function
+    does: legacy fields that are TEXT or NULL (json_object would write a number as a JSON
+    number, and fails on a blob, where the function names the row) and parts that are not a
+    blob (Python decodes a blob as JSON in UTF-16 or 32 too). A batch with any other row, or
+    with TEXT that is not UTF-8, is done by the function (see SqlChange).
+    """
+    thinking, body, parts = table.c.thinking_content, table.c.body, table.c.parts
+    json_whitespace = sa.func.char(32, 9, 10, 13)
+    return SqlChange(
+        values={"parts": _derived_parts(table, sa.func.json_object, sa.func.json_array)},
+        where=sa.or_(parts.is_(None), sa.func.trim(parts, json_whitespace) == "null"),
+        # Said with `=` and IS NULL: measured, a quarter cheaper per row than typeof IN (...).
+        guard=sa.and_(
+            sa.or_(sa.func.typeof(body) == "text", body.is_(None)),
+            sa.or_(sa.func.typeof(thinking) == "text", thinking.is_(None)),
+            sa.func.typeof(parts) != "blob",
+        ),
+        # Measured on 300,000 messages: 10,000 rows per batch ran about 5% faster than 5,000
+        # (fewer commits, each of which checkpoints the WAL); a batch holds the write lock for
+        # about a tenth of a second, which the app's writers wait out (busy timeout).
+        batch_size=10_000,
+    )
+
+
 def parts_in_postgresql(table: sa.Table) -> SqlChange:
     """`body_to_parts` in PostgreSQL: the same parts as `derive_parts`, built with jsonb.
 
-    Reasoning then text, an empty or NULL value omitted, `[]` when neither. PostgreSQL text
-    is always valid UTF-8 without NUL, so none of the bad input `derive_parts` rejects can be
-    stored there. The rows changed are those whose parts the function sees as None: SQL NULL,
-    and also a JSON `null` (the driver hands both to Python as None).
+    PostgreSQL text is always valid UTF-8 without NUL, so none of the bad input `derive_parts`
+    rejects can be stored there. The rows changed are those whose parts the function sees as
+    None: SQL NULL, and also a JSON `null` (the driver hands both to Python as None).
     """
-    thinking, body, parts = table.c.thinking_content, table.c.body, table.c.parts
-    label: sa.ColumnElement[str] = sa.literal_column("'type'")
-    text: sa.ColumnElement[str] = sa.literal_column("'text'")
-    reasoning_part = sa.func.jsonb_build_object(
-        label, sa.literal_column("'reasoning'"), text, thinking
-    )
-    text_part = sa.func.jsonb_build_object(label, text, text, body)
-    has_thinking = sa.func.coalesce(thinking, "") != ""
-    has_body = sa.func.coalesce(body, "") != ""
-    derived = sa.case(
-        (sa.and_(has_thinking, has_body), sa.func.jsonb_build_array(reasoning_part, text_part)),
-        (has_thinking, sa.func.jsonb_build_array(reasoning_part)),
-        (has_body, sa.func.jsonb_build_array(text_part)),
-        else_=sa.func.jsonb_build_array(),
-    )
+    parts = table.c.parts
+    derived = _derived_parts(table, sa.func.jsonb_build_object, sa.func.jsonb_build_array)
     return SqlChange(
         values={"parts": derived},
         where=sa.or_(parts.is_(None), sa.func.jsonb_typeof(parts) == "null"),
@@ -56,7 +94,7 @@ def parts_in_postgresql(table: sa.Table) -> SqlChange:
     # no slower than 4,000; a batch holds the write lock for about 30 ms.
     batch_size=2000,
     columns=_LEGACY,
-    sql={"postgresql": parts_in_postgresql},
+    sql={"postgresql": parts_in_postgresql, "sqlite": parts_in_sqlite},
 )
 def body_to_parts(row: Row) -> dict[str, Any] | None:
     """Write `parts` from the legacy fields on rows that have none."""

@@ -1,10 +1,10 @@
 """Helpers for the end-to-end tests: the real `backfill` CLI in subprocesses over one database.
 
-A `Harness` owns a database (a SQLite file in tmp_path, or a PostgreSQL database of its own: the
-`database_url` fixture) seeded with the `apps.counting` table, starts runners in the background
-(output to files, so a full pipe never blocks them), runs short commands to completion, and reads
-the database directly (SQLAlchemy on the same URL, no pooling) to see what was committed. Every
-process it started is killed and reaped when the test ends, even a stopped one.
+A `Harness` owns a database (a SQLite file in tmp_path, or a PostgreSQL or MariaDB database of its
+own: the `database_url` fixture) seeded with the `apps.counting` table, starts runners in the
+background (output to files, so a full pipe never blocks them), runs short commands to completion,
+and reads the database directly (SQLAlchemy on the same URL, no pooling) to see what was
+committed. Every process it started is killed and reaped when the test ends, even a stopped one.
 
 (Not a conftest.py: tests/conftest.py is imported as the module `conftest`, which a second
 conftest.py in this directory would shadow.)
@@ -12,8 +12,10 @@ conftest.py in this directory would shadow.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -83,7 +85,7 @@ class Proc:
 @dataclass
 class Harness:
     tmp_path: Path
-    url: str  # sqlite:///FILE or a PostgreSQL URL (the `database_url` fixture)
+    url: str  # sqlite:///FILE, a PostgreSQL or a MariaDB URL (the `database_url` fixture)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every command
     procs: list[Proc] = field(default_factory=list)
     # Held by this process's own writers (AppTraffic) and probes, so a probe never takes this
@@ -100,6 +102,11 @@ class Harness:
         return self.dialect == "postgresql"
 
     @property
+    def mysql(self) -> bool:
+        """MariaDB (or MySQL), by either of SQLAlchemy's names."""
+        return self.dialect in ("mysql", "mariadb")
+
+    @property
     def db_path(self) -> Path:
         """The SQLite file (SQLite only)."""
         assert self.dialect == "sqlite", self.url
@@ -112,7 +119,10 @@ class Harness:
         """The test's own connections: one per use, never pooled (a pooled PostgreSQL session
         would outlive the test's database otherwise, and nothing of ours lingers in a lock)."""
         if self._engine is None:
-            args = {"timeout": 10} if self.dialect == "sqlite" else {}
+            args: dict[str, Any] = {"timeout": 10} if self.dialect == "sqlite" else {}
+            if self.mysql:
+                # The tests' own SQL is standard: `||` concatenates (in MySQL it means OR).
+                args["init_command"] = "SET sql_mode = CONCAT(@@sql_mode, ',PIPES_AS_CONCAT')"
             self._engine = sa.create_engine(self.url, poolclass=NullPool, connect_args=args)
         return self._engine
 
@@ -218,11 +228,11 @@ class Harness:
     def in_transaction(self, proc: Proc) -> bool:
         """True when `proc` is (or may be) inside a transaction.
 
-        SQLite: some connection holds the write lock (only runners write). PostgreSQL: a session
-        of `proc` (told by its application_name) is not idle: in a transaction, or running a
-        statement. Looked at twice, a moment apart, so a statement sent just before the look
-        (not yet picked up by its server process) is not missed."""
-        if not self.postgresql:
+        SQLite: some connection holds the write lock (only runners write). PostgreSQL and
+        MariaDB: a session of `proc` is not idle: in a transaction, or running a statement.
+        Looked at twice, a moment apart, so a statement sent just before the look (not yet
+        picked up by its server process) is not missed."""
+        if self.dialect == "sqlite":
             return self.write_locked()
         if self._busy_sessions(proc):
             return True
@@ -230,12 +240,47 @@ class Harness:
         return self._busy_sessions(proc)
 
     def sessions(self, proc: Proc) -> list[tuple[int, str | None]]:
-        """(server pid, state) of each PostgreSQL session `proc` has open."""
+        """(server pid, state) of each PostgreSQL session `proc` has open (told by its
+        application_name); on MariaDB (connection id, state), the state "idle" or not as on
+        PostgreSQL."""
+        if self.mysql:
+            return self._mysql_sessions(proc)
         rows = self.query(
             "SELECT pid, state FROM pg_stat_activity WHERE application_name = :name",
             {"name": application_name(proc.pid)},
         )
         return [(r[0], r[1]) for r in rows]
+
+    def _mysql_sessions(self, proc: Proc) -> list[tuple[int, str | None]]:
+        """MariaDB shows connect attributes (the runner's `program_name`) only with
+        performance_schema, off by default: a connection of `proc` is told by its client port,
+        one of the TCP sockets the process holds. Idle: asleep with no InnoDB transaction.
+
+        Open transactions come from SHOW ENGINE INNODB STATUS: information_schema.innodb_trx
+        is a cache refreshed only after 100 ms without a read, so polling it sees a frozen
+        past."""
+        ports = _local_ports(proc.pid)
+        with self.engine.connect() as conn:
+            status = conn.exec_driver_sql("SHOW ENGINE INNODB STATUS").one()[2]
+            rows = conn.exec_driver_sql(
+                "SELECT id, host, command FROM information_schema.processlist"
+            ).all()
+        in_transaction = {
+            int(found.group(1))
+            for block in status.split("---TRANSACTION ")
+            if ", ACTIVE " in block.splitlines()[0]
+            and (found := re.search(r"(?:MariaDB|MySQL) thread id (\d+)", block))
+        }
+        sessions = []
+        for connection, host, command in rows:
+            port = str(host or "").rpartition(":")[2]
+            if port.isdigit() and int(port) in ports:
+                if command != "Sleep":
+                    state = "active"
+                else:
+                    state = "idle in transaction" if connection in in_transaction else "idle"
+                sessions.append((int(connection), state))
+        return sessions
 
     def _busy_sessions(self, proc: Proc) -> bool:
         return any(state != "idle" for _pid, state in self.sessions(proc))
@@ -303,10 +348,12 @@ class AppTraffic:
         self._h = h
         self._interval = interval
         self._stop = threading.Event()
-        target = self._write_postgresql if h.postgresql else self._write
+        target = self._write if h.dialect == "sqlite" else self._write_server
         self._thread = threading.Thread(target=target, name="app-traffic", daemon=True)
         self.commits = 0
-        key = "SERIAL PRIMARY KEY" if h.postgresql else "INTEGER PRIMARY KEY"
+        key = {"postgresql": "SERIAL PRIMARY KEY", "sqlite": "INTEGER PRIMARY KEY"}.get(
+            h.dialect, "INTEGER PRIMARY KEY AUTO_INCREMENT"
+        )
         h.execute(f"CREATE TABLE IF NOT EXISTS app_log (id {key}, at REAL)")
 
     def __enter__(self) -> AppTraffic:
@@ -317,8 +364,9 @@ class AppTraffic:
         self._stop.set()
         self._thread.join()
 
-    def _write_postgresql(self) -> None:
-        # No database-wide lock to step around: the application simply commits.
+    def _write_server(self) -> None:
+        # PostgreSQL, MariaDB: no database-wide lock to step around, the application simply
+        # commits.
         with self._h.engine.connect() as conn:
             while not self._stop.wait(self._interval):
                 with conn.begin():
@@ -341,6 +389,24 @@ class AppTraffic:
                     self.commits += 1
         finally:
             conn.close()
+
+
+def _local_ports(pid: int) -> set[int]:
+    """The local ports of the TCP sockets process `pid` holds (its database connections)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
 
 
 def wait_for(

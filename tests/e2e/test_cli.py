@@ -6,6 +6,8 @@ import json
 import sqlite3
 import subprocess
 
+import sqlalchemy as sa
+
 from conftest import ROOT, backfill_command, cli_env
 
 
@@ -148,3 +150,35 @@ def test_status_watch_json_streams_one_line_per_refresh(cli, sqlite_url, tmp_pat
     watcher.wait(timeout=10)
     documents = [json.loads(line) for line in lines]
     assert all(d["body_to_parts"]["state"] == "pending" for d in documents)
+
+
+def test_a_changed_range_under_a_half_done_run_is_refused_with_how_to_restart(cli, sqlite_url):
+    from apps.ranged import items, metadata
+
+    engine = sa.create_engine(sqlite_url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(items),
+            [{"id": i, "source": "bad" if i == 35 else f"s{i}"} for i in range(1, 61)],
+        )
+    app = ("--app", "apps.ranged:migrations")
+    failed = cli("run", "fill", *app)
+    assert failed.returncode == 1 and "row 35" in failed.stderr
+
+    narrower = cli_env(RANGED_BELOW="30")
+    refused = cli("run", "fill", *app, env=narrower)
+    assert refused.returncode == 2, refused.stderr
+    sentence = " ".join(refused.stderr.split())
+    assert "is half done (30 rows) over table 'ranged items', key (id), the whole table" in sentence
+    assert (
+        "now defined over table 'ranged items', key (id), range \"ranged items\".id < 30"
+        in sentence
+    )
+    assert "backfill run fill --restart" in sentence
+
+    restarted = cli("run", "fill", *app, "--restart", env=narrower)
+    assert restarted.returncode == 0, restarted.stderr
+    status = json.loads(cli("status", "fill", "--json", *app, env=narrower).stdout)["fill"]
+    assert status["progress"] == {"processed": 29, "total": 29, "completed": True}
+    engine.dispose()

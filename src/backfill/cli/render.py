@@ -174,11 +174,14 @@ def dry_run_report(report: DryRun) -> None:
         f"skipped, {report.would_keep:,} kept. Nothing was saved."
     )
     for sample in report.samples:
-        out.print(f"  row {sample.key[0] if len(sample.key) == 1 else list(sample.key)!r}:")
+        new = not sample.before  # a copy's row the target lacks
+        heading = " (a new row of the target)" if new else ""
+        out.print(
+            f"  row {sample.key[0] if len(sample.key) == 1 else list(sample.key)!r}{heading}:"
+        )
         for field, after in sample.after.items():
-            out.print(
-                f"    {field}: {_short(sample.before.get(field))} → {_short(after)}", soft_wrap=True
-            )
+            before = "" if new else f"{_short(sample.before.get(field))} → "
+            out.print(f"    {field}: {before}{_short(after)}", soft_wrap=True)
 
 
 def _short(value: Any, limit: int = 120) -> str:

@@ -5,6 +5,8 @@ Everything that differs between SQL dialects in how we connect and begin lives h
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,11 @@ from backfill.errors import DatabaseUnavailable
 from backfill.store.tables import ensure_schema
 
 _READ_ONLY = "backfill_read_only"
+_SESSION_LIMITS = "backfill_session_limits"  # a pooled MySQL connection still has a batch's limits
+MYSQL = frozenset({"mysql", "mariadb"})  # SQLAlchemy's names: mysql+pymysql, mariadb+pymysql
+# What "no limit" means for innodb_lock_wait_timeout: MariaDB's largest (about 3 years; MySQL's
+# is larger).
+_MYSQL_NO_LOCK_TIMEOUT = 100_000_000
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 DEFAULT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 60.0
@@ -27,7 +34,8 @@ DEFAULT_ESTIMATE_ABOVE = 5_000_000
 
 
 def application_name(pid: int | None = None) -> str:
-    """How a process's connections show in pg_stat_activity (unless the URL names one)."""
+    """How a process's connections show in pg_stat_activity (unless the URL names one), and as
+    MySQL's `program_name` connection attribute (performance_schema.session_connect_attrs)."""
     return f"backfill pid {os.getpid() if pid is None else pid}"
 
 
@@ -38,12 +46,21 @@ def _create_engine(url: str | sa.URL) -> sa.Engine:
         _configure_sqlite(engine)
         return engine
     connect_args = {}
+    options: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql" and "application_name" not in url.query:
         connect_args["application_name"] = application_name()
+    if url.get_backend_name() in MYSQL:
+        if "program_name" not in url.query:
+            connect_args["program_name"] = application_name()
+        # PostgreSQL's default: a batch's FOR UPDATE locks the rows it read, not the gaps
+        # between them (REPEATABLE READ's next-key locks would hold up the app's inserts).
+        options["isolation_level"] = "READ COMMITTED"
     # Positional parameters, so the hot statements compiled once take plain tuples (scan.py).
     # pool_pre_ping: a pooled connection that died (server restart, pg_terminate_backend) is
     # replaced on checkout instead of failing the next statement.
-    return sa.create_engine(url, pool_pre_ping=True, paramstyle="format", connect_args=connect_args)
+    return sa.create_engine(
+        url, pool_pre_ping=True, paramstyle="format", connect_args=connect_args, **options
+    )
 
 
 def _seconds(variable: str, default: float) -> float:
@@ -52,14 +69,16 @@ def _seconds(variable: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Limits:
-    """How long one batch transaction may wait, on PostgreSQL, before it backs off.
+    """How long one batch transaction may wait, on PostgreSQL and MySQL, before it backs off.
 
     `lock_timeout`: the longest wait for a row lock the application holds (then the batch rolls
     back and is retried later, so the migration never queues the app behind it for long);
     `statement_timeout`: the longest any statement of the batch may run. Seconds; 0 means no
     limit. Set with `SET LOCAL` in each batch transaction only (status, cancel and the app's
-    own sessions are untouched). `estimate_above`: beyond this many rows (the planner's
-    estimate, pg_class.reltuples), `total` is that estimate instead of an exact count(*)."""
+    own sessions are untouched); MySQL has no per-transaction settings, so there they are set
+    for the session when a batch begins and put back when the connection returns to the pool.
+    `estimate_above`: beyond this many rows (the planner's estimate, pg_class.reltuples),
+    `total` is that estimate instead of an exact count(*)."""
 
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
@@ -86,6 +105,36 @@ class Limits:
             f"SELECT set_config('lock_timeout', '{lock}', true), "
             f"set_config('statement_timeout', '{statement}', true)"
         )
+
+    def mysql_settings_sql(self, mariadb: bool) -> str:
+        """`batch_settings_sql` for MySQL and MariaDB: one `SET SESSION`. InnoDB counts its lock
+        wait in whole seconds (so a fraction rounds up, to at least 1); the statement limit is
+        MariaDB's `max_statement_time` (seconds) or MySQL's `max_execution_time` (milliseconds,
+        SELECTs only)."""
+        lock = math.ceil(self.lock_timeout) if self.lock_timeout else _MYSQL_NO_LOCK_TIMEOUT
+        statement = (
+            f"max_statement_time = {self.statement_timeout:g}"
+            if mariadb
+            else f"max_execution_time = {round(self.statement_timeout * 1000)}"
+        )
+        return f"SET SESSION innodb_lock_wait_timeout = {lock}, {statement}"
+
+
+def _configure_mysql(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "reset")
+    def on_reset(dbapi_connection: Any, record: Any, _state: Any) -> None:
+        # A batch's limits are meant for its transaction only (status, leases and count(*) must
+        # not inherit them): put the server's defaults back before the connection is reused.
+        # Should this fail, the pool discards the connection.
+        if record.info.pop(_SESSION_LIMITS, None) is not None:
+            statement = "max_statement_time" if _is_mariadb(engine) else "max_execution_time"
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(
+                    f"SET SESSION innodb_lock_wait_timeout = DEFAULT, {statement} = DEFAULT"
+                )
+            finally:
+                cursor.close()
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:
@@ -116,6 +165,9 @@ class Database:
         self.limits = limits if limits is not None else Limits.from_env()
         self._schema_ready = False
         self._postgresql = self.dialect == "postgresql"
+        self._mysql = self.dialect in MYSQL
+        if self._mysql:
+            _configure_mysql(self.engine)
         self._batch_settings = self.limits.batch_settings_sql() if self._postgresql else None
 
     @contextmanager
@@ -140,26 +192,41 @@ class Database:
             yield conn
 
     @contextmanager
-    def read(self) -> Iterator[sa.Connection]:
+    def read(self, *, rollback: bool = False) -> Iterator[sa.Connection]:
+        """One transaction that reads; with `rollback`, whatever was written in it is undone
+        (a migration function given the connection during verify may write)."""
         with self.engine.connect() as conn:
             conn = conn.execution_options(**{_READ_ONLY: True})
-            with conn.begin():
+            with conn.begin() as transaction:
                 yield conn
+                if rollback:
+                    transaction.rollback()
 
     def begin_batch(self, conn: sa.Connection) -> sa.RootTransaction:
-        """Begin a batch transaction; on PostgreSQL with its lock and statement timeouts."""
+        """Begin a batch transaction; on PostgreSQL and MySQL with its lock and statement
+        timeouts."""
         transaction = conn.begin()
-        if self._batch_settings is not None:
+        settings = self._batch_settings
+        if self._mysql:
+            # Set for the session, once per connection: undone when it goes back to the pool.
+            info = conn.connection.info
+            settings = None if _SESSION_LIMITS in info else self._mysql_settings()
+            info[_SESSION_LIMITS] = True
+        if settings is not None:
             try:
                 raw = _driver(conn).cursor()
                 try:
-                    raw.execute(self._batch_settings)
+                    raw.execute(settings)
                 finally:
                     raw.close()
             except BaseException:
+                conn.connection.info.pop(_SESSION_LIMITS, None)
                 transaction.rollback()
                 raise
         return transaction
+
+    def _mysql_settings(self) -> str:
+        return self.limits.mysql_settings_sql(mariadb=_is_mariadb(self.engine))
 
     # -- errors worth retrying ----------------------------------------------------------------
 
@@ -169,15 +236,20 @@ class Database:
         return isinstance(error, (sa.exc.DBAPIError, dbapi.Error))
 
     def is_disconnect(self, error: BaseException) -> bool:
-        """A driver error that means the connection is gone. On PostgreSQL that is what the
-        dialect recognises, and any OperationalError without a SQLSTATE (psycopg raises those
-        for client-side connection failures: refused, reset, closed)."""
-        if not self._postgresql:
+        """A driver error that means the connection is gone: what the dialect recognises (on
+        MySQL: lost, gone away, killed), and on PostgreSQL any OperationalError without a
+        SQLSTATE (psycopg raises those for client-side connection failures: refused, reset,
+        closed)."""
+        if not (self._postgresql or self._mysql):
             return False
         dbapi = self.engine.dialect.loaded_dbapi
         if not isinstance(error, dbapi.Error):
             return False
-        if isinstance(error, dbapi.OperationalError) and retry.sqlstate(error) is None:
+        if (
+            self._postgresql
+            and isinstance(error, dbapi.OperationalError)
+            and retry.sqlstate(error) is None
+        ):
             return True
         return bool(self.engine.dialect.is_disconnect(error, None, None))
 
@@ -189,10 +261,16 @@ class Database:
 
     # -- size of a table ----------------------------------------------------------------------
 
-    def total_rows(self, table: sa.Table) -> tuple[int, bool]:
-        """(rows in `table`, whether that is the planner's estimate). PostgreSQL answers with
-        pg_class.reltuples when it is beyond `limits.estimate_above` (a count(*) of a big table
-        reads all of it); below, and on other dialects, with an exact count."""
+    def total_rows(
+        self, table: sa.Table, where: sa.ColumnElement[bool] | None = None
+    ) -> tuple[int, bool]:
+        """(rows in `table`, or in its range `where`; whether that is the planner's estimate).
+        PostgreSQL answers with an estimate when the table is beyond `limits.estimate_above`
+        rows (pg_class.reltuples; a count(*) of a big table reads all of it), for a range the
+        planner's estimate of the rows it selects; below, and on other dialects, exactly."""
+        counted = sa.select(sa.func.count()).select_from(table)
+        if where is not None:
+            counted = counted.where(where)
         with self.read() as conn:
             if self._postgresql:
                 name = self.engine.dialect.identifier_preparer.format_table(table)
@@ -201,12 +279,28 @@ class Database:
                     {"name": name},
                 ).scalar()
                 if estimate is not None and estimate > self.limits.estimate_above:
-                    return int(estimate), True
-            total = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+                    if where is None:
+                        return int(estimate), True
+                    return self._planned_rows(conn, sa.select(sa.literal(1)).where(where)), True
+            total = conn.execute(counted).scalar()
         return int(total or 0), False
+
+    def _planned_rows(self, conn: sa.Connection, query: sa.Select[Any]) -> int:
+        compiled: Any = query.compile(dialect=self.engine.dialect)
+        params = tuple(compiled.params[n] for n in compiled.positiontup or ())
+        plan: Any = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, params)
+        plan = plan.scalar()
+        if isinstance(plan, str):
+            plan = json.loads(plan)
+        return int(plan[0]["Plan"]["Plan Rows"])
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _is_mariadb(engine: sa.Engine) -> bool:
+    """Whether the server is MariaDB, under either dialect name (known once connected)."""
+    return bool(getattr(engine.dialect, "is_mariadb", False))
 
 
 def _driver(conn: sa.Connection) -> Any:

@@ -5,22 +5,29 @@ Two statements, where the Python path has a read and a write:
 
 1. lock the batch: `SELECT key FROM t WHERE key > :cursor ORDER BY key LIMIT :size FOR UPDATE`
    (the same rows, in the same order and with the same locks, as the Python path's read; only
-   the keys travel), which gives the batch's size and its last key;
+   the keys travel, and on SQLite the columns the function reads, to be decoded), which gives
+   the batch's size and its last key;
 2. `UPDATE t SET <values> WHERE key > :cursor AND key <= :last AND <where>`: the rows of that
    range that the migration changes, computed from their current columns by the database.
+
+Where the SQL is not faithful to the function on every row, the batch is Rejected before it
+writes: on SQLite when the driver cannot decode a value of step 1 (TEXT that is not UTF-8),
+and when a declared guard does not hold for a row of the range (one more `SELECT key ...
+LIMIT 1` between the two).
 
 The cursor, counters and lease check around them are the pipeline's, as for any batch.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
-from backfill.store.records import Key
+from backfill.store.records import Key, row_id
 from backfill.store.scan import Statement
 
 
@@ -34,13 +41,19 @@ class Applied:
 
 
 class Rejected(Exception):
-    """The database refused the batch's UPDATE because of the data (a failed cast, a violated
-    constraint: SQLSTATE classes 22 and 23). The transaction can only roll back; the batch is
-    then done again through the migration function, which names the row and field."""
+    """The batch cannot be decided in the database: a row of it is outside what the SQL
+    handles faithfully, or the database refused the UPDATE because of the data (a failed cast,
+    a violated constraint: SQLSTATE classes 22 and 23; on SQLite, a SQL function's error, such
+    as a JSON function given a blob). The transaction can only roll back; the batch is then
+    done again through the migration function, which names the row and field."""
 
-    def __init__(self, migration: str, error: sa.exc.DBAPIError) -> None:
+    def __init__(self, migration: str, detail: str) -> None:
+        super().__init__(f"migration {migration!r}: not decided in the database: {detail}")
+
+    @classmethod
+    def refused(cls, migration: str, error: sa.exc.DBAPIError) -> Rejected:
         detail = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        super().__init__(f"migration {migration!r}: the database rejected its SQL: {detail}")
+        return cls(migration, f"the database rejected its SQL: {detail}")
 
 
 class SqlBatch:
@@ -54,10 +67,37 @@ class SqlBatch:
         self._locks: dict[tuple[bool, int], Statement] = {}
         table = migration.table
         update = sa.update(table).values(dict(change.values)).where(change.where)
-        last = [sa.bindparam(f"backfill_last_{i}", type_=c.type) for i, c in enumerate(key)]
+        self._range = migration.range
+        if self._range is not None:
+            update = update.where(self._range)
+        # Key values come as the driver gave them (a UUID as SQLite's hex text), and go back as
+        # they are: without SQLAlchemy's conversions for the column's type.
+        last = [_as_given(f"backfill_last_{i}") for i in range(len(key))]
         self._update_first = update.where(_compare(key, last, "<="))
-        after = [sa.bindparam(f"backfill_after_{i}", type_=c.type) for i, c in enumerate(key)]
+        after = [_as_given(f"backfill_after_{i}") for i in range(len(key))]
         self._update_after = self._update_first.where(_compare(key, after, ">"))
+        # SQLite keeps TEXT that is not UTF-8 and its functions take it byte for byte (3.40 has
+        # no strict check of its own), while the Python path's read cannot even decode such a
+        # row. So on SQLite the lock statement also fetches the columns the function reads, and
+        # the driver decodes them exactly as for that read. Measured (instructions per row),
+        # no cheaper than this: a function of ours called per row, or the batch's TEXT joined
+        # by group_concat and decoded at once.
+        keys = {c.name for c in key}
+        self._decoded = (
+            [c for c in migration.read_columns if c.name not in keys]
+            if self.dialect.name == "sqlite"
+            else []
+        )
+        # The first row of the range outside the guard, if any (NULL counts as outside).
+        self._check_first: sa.Select[Any] | None = None
+        self._check_after: sa.Select[Any] | None = None
+        if change.guard is not None:
+            check = sa.select(*key).where(sa.case((change.guard, 0), else_=1) == 1)
+            check = check.order_by(*[c.asc() for c in key]).limit(1)
+            if self._range is not None:
+                check = check.where(self._range)
+            self._check_first = check.where(_compare(key, last, "<="))
+            self._check_after = self._check_first.where(_compare(key, after, ">"))
 
     @classmethod
     def declared(cls, engine: sa.Engine, migration: Migration) -> SqlBatch | None:
@@ -70,12 +110,14 @@ class SqlBatch:
         if cached is None:
             key = self.migration.key
             names = [f"k{i}" for i in range(self._width)] if cursor_given else []
-            statement = sa.select(*key)
+            statement = sa.select(*key, *self._decoded)
+            if self._range is not None:
+                statement = statement.where(self._range)
             if cursor_given:
                 params = [sa.bindparam(n, type_=c.type) for n, c in zip(names, key, strict=True)]
                 statement = statement.where(_compare(key, params, ">"))
             statement = statement.order_by(*[c.asc() for c in key]).limit(limit)
-            if self.dialect.name == "postgresql":
+            if self.dialect.name in ("postgresql", "mysql", "mariadb"):
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, names)
             self._locks[(cursor_given, limit)] = cached
@@ -83,33 +125,55 @@ class SqlBatch:
 
     def apply(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Applied:
         """Lock the next `limit` rows after `cursor` and update those the migration changes.
-        Rejected when the database refuses the UPDATE on this batch's data."""
+        Rejected, before anything is written, when a row of the batch is outside what the SQL
+        handles faithfully, or when the database refuses the UPDATE on this batch's data."""
         statement = self._lock_statement(cursor is not None, limit)
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
+        name = self.migration.name
         raw = dbapi.cursor()
         try:
             raw.execute(statement.sql, statement.params(cursor or ()))
-            keys = raw.fetchall()
+            rows = raw.fetchall()
+        except sqlite3.OperationalError as error:
+            if "decode" not in str(error):
+                raise
+            raise Rejected(name, "a row holds TEXT that is not valid UTF-8") from error
         finally:
             raw.close()
-        if not keys:
+        if not rows:
             return Applied(0, None, 0)
-        last = tuple(keys[-1])
+        last = tuple(rows[-1][: self._width])
         params: dict[str, Any] = {f"backfill_last_{i}": v for i, v in enumerate(last)}
-        update = self._update_first
+        update, check = self._update_first, self._check_first
         if cursor is not None:
             params.update({f"backfill_after_{i}": v for i, v in enumerate(cursor)})
-            update = self._update_after
+            update, check = self._update_after, self._check_after
         try:
+            if check is not None:
+                outside = conn.execute(check, params).first()
+                if outside is not None:
+                    row = row_id(tuple(outside))
+                    raise Rejected(name, f"row {row!r} is outside the guard of its SQL")
             result = conn.execute(update, params)
         except (sa.exc.DataError, sa.exc.IntegrityError) as error:
-            raise Rejected(self.migration.name, error) from error
-        return Applied(len(keys), last, max(result.rowcount, 0))
+            raise Rejected.refused(name, error) from error
+        except sa.exc.OperationalError as error:
+            # SQLite reports a SQL function's error (a JSON function given a blob, malformed
+            # JSON) as SQLITE_ERROR; busy, I/O and full-disk errors have codes of their own.
+            if getattr(error.orig, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
+                raise
+            raise Rejected.refused(name, error) from error
+        return Applied(len(rows), last, max(result.rowcount, 0))
+
+
+def _as_given(name: str) -> sa.ColumnElement[Any]:
+    """A parameter passed to the driver as it is (a bare one would take the key's type)."""
+    return sa.type_coerce(sa.bindparam(name), sa.types.NullType())
 
 
 def _compare(
-    key: tuple[sa.Column[Any], ...], values: list[sa.BindParameter[Any]], operator: str
+    key: tuple[sa.Column[Any], ...], values: list[Any], operator: str
 ) -> sa.ColumnElement[bool]:
     """`key <op> values` in key order: a row comparison for a composite key."""
     left: Any = key[0] if len(key) == 1 else sa.tuple_(*key)

@@ -35,8 +35,10 @@ class Statement:
     """SQL compiled once for the driver, with the order in which it takes its parameters."""
 
     sql: str
-    order: tuple[int, ...] | None  # None: parameters are already in the driver's order
-    constants: tuple[Any, ...]  # values SQLAlchemy bound itself (LIMIT), appended in order
+    # Per driver parameter, an index into the given values followed by `constants`; None: the
+    # given values then the constants, as they are.
+    order: tuple[int, ...] | None
+    constants: tuple[Any, ...]  # values SQLAlchemy bound itself (LIMIT, a range's literals)
 
     @classmethod
     def compile(
@@ -48,18 +50,25 @@ class Statement:
                 f"{dialect.name}: named parameter styles are not supported yet"
             )
         wanted = list(compiled.positiontup or ())
-        ours = [n for n in wanted if n in names]
-        constants = tuple(compiled.params[n] for n in wanted if n not in names)
-        if wanted[: len(ours)] != ours or any(n not in names for n in ours):
-            raise AssertionError(f"unexpected parameter order {wanted}")
-        order = tuple(names.index(n) for n in ours)
-        identity = order == tuple(range(len(names)))
+        theirs = [n for n in wanted if n not in names]
+        # A range's literals go to the driver as SQLAlchemy would send them (a datetime as
+        # SQLite's text, say): the hot statements skip SQLAlchemy's execution.
+        processors = getattr(compiled, "_bind_processors", {})
+        constants = tuple(
+            processors[n](compiled.params[n]) if n in processors else compiled.params[n]
+            for n in theirs
+        )
+        order = tuple(
+            names.index(n) if n in names else len(names) + theirs.index(n) for n in wanted
+        )
+        identity = order == tuple(range(len(names) + len(theirs)))
         return cls(compiled.string, None if identity else order, constants)
 
     def params(self, values: Sequence[Any]) -> tuple[Any, ...]:
-        if self.order is not None:
-            values = tuple(values[i] for i in self.order)
-        return tuple(values) + self.constants
+        if self.order is None:
+            return tuple(values) + self.constants
+        given = tuple(values) + self.constants
+        return tuple(given[i] for i in self.order)
 
 
 class TableScan:
@@ -71,10 +80,12 @@ class TableScan:
         self.names = [c.name for c in self.columns]
         self.key_width = len(migration.key)
         self.column_names = frozenset(c.name for c in table.columns)
-        # Drivers that hand back JSON as text (SQLite) need decoding; psycopg decodes jsonb itself.
-        decode_text = self.dialect.name == "sqlite"
+        # Drivers that hand back JSON as text (SQLite; MariaDB, whose JSON is LONGTEXT, and
+        # MySQL through PyMySQL) need decoding; psycopg decodes jsonb itself.
+        decode_text = self.dialect.name in ("sqlite", "mysql", "mariadb")
         self.decoded = [c.name for c in self.columns if _is_json(c) and decode_text]
         self.json_names = frozenset(c.name for c in table.columns if _is_json(c))
+        self._range = migration.range
         self._select = sa.select(*self.columns)
         self._order = [c.asc() for c in migration.key]
         self._reads: dict[tuple[bool, int, bool], Statement] = {}
@@ -86,6 +97,10 @@ class TableScan:
     # -- reading ------------------------------------------------------------------------------
 
     def _after(self, statement: sa.Select[Any], cursor_given: bool) -> sa.Select[Any]:
+        """`statement` restricted to the migration's range and, if given, to keys after the
+        cursor."""
+        if self._range is not None:
+            statement = statement.where(self._range)
         if not cursor_given:
             return statement
         key = self.migration.key
@@ -101,7 +116,7 @@ class TableScan:
         cached = self._reads.get((cursor_given, limit, lock))
         if cached is None:
             statement = self._after(self._select, cursor_given).order_by(*self._order).limit(limit)
-            if lock and self.dialect.name == "postgresql":
+            if lock and self.dialect.name in ("postgresql", "mysql", "mariadb"):
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, self._key_names(cursor_given))
             self._reads[(cursor_given, limit, lock)] = cached
@@ -109,7 +124,8 @@ class TableScan:
 
     def read(self, conn: sa.Connection, cursor: Key | None, limit: int, lock: bool = True) -> Rows:
         """The next `limit` rows after `cursor` in key order, decoded for the function; locked
-        (PostgreSQL) unless `lock` is false, as for read-only scans that must not block the app."""
+        (PostgreSQL, MySQL) unless `lock` is false, as for read-only scans that must not block
+        the app."""
         statement = self._read_statement(cursor is not None, limit, lock)
         sql, params = statement.sql, statement.params(cursor or ())
         raw = _driver(conn).cursor()
@@ -378,22 +394,96 @@ def _driver(conn: sa.Connection) -> Any:
 
 
 def check_table(engine: sa.Engine, migration: Migration) -> None:
-    """Refuse, with one sentence, a migration whose table or columns are not in the database."""
-    table = migration.table
+    """Refuse, with one sentence, a migration whose tables, columns or key do not fit the
+    database."""
     inspector = sa.inspect(engine)
+    _check_columns(inspector, migration, migration.table, migration.read_columns, "")
+    if migration.target is not None:
+        _check_columns(
+            inspector, migration, migration.target, tuple(migration.target.columns), "target "
+        )
+    if migration.key_columns:
+        _check_unique_key(inspector, migration)
+
+
+def _check_columns(
+    inspector: Any,
+    migration: Migration,
+    table: sa.Table,
+    columns: Sequence[sa.Column[Any]],
+    role_of_table: str,
+) -> None:
     if not inspector.has_table(table.name, schema=table.schema):
         raise SchemaMismatch(
-            f"migration {migration.name!r}: table {table.name!r} does not exist in the database"
+            f"migration {migration.name!r}: {role_of_table}table {table.name!r} does not exist "
+            "in the database"
         )
     present = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
-    for column in migration.read_columns:
+    for column in columns:
         if column.name not in present:
             role = "key column" if column.primary_key else "column"
             raise SchemaMismatch(
-                f"migration {migration.name!r}: table {table.name!r} has no {role} {column.name!r}"
+                f"migration {migration.name!r}: {role_of_table}table {table.name!r} has no "
+                f"{role} {column.name!r}"
             )
 
 
-def scan_descriptor(migration: Migration) -> str:
-    """What a cursor walks; a cursor recorded for another scan cannot be resumed."""
-    return json.dumps({"table": migration.table.name, "key": [c.name for c in migration.key]})
+def _check_unique_key(inspector: Any, migration: Migration) -> None:
+    """A key given by name must be unique and backed by an index: batches are keyset ranges of
+    it, and a duplicate key value at a batch's edge would be skipped."""
+    table, wanted = migration.table, set(migration.key_columns)
+    name, schema = table.name, table.schema
+    pk = inspector.get_pk_constraint(name, schema=schema).get("constrained_columns") or []
+    unique = [set(pk)] + [
+        set(u["column_names"]) for u in inspector.get_unique_constraints(name, schema=schema)
+    ]
+    unique += [
+        set(i["column_names"])
+        for i in inspector.get_indexes(name, schema=schema)
+        if i.get("unique") and None not in i["column_names"]
+    ]
+    # A key that contains a unique set of columns is unique too (created_at, id).
+    if not any(u and u <= wanted for u in unique):
+        columns = ", ".join(migration.key_columns)
+        raise SchemaMismatch(
+            f"migration {migration.name!r}: key ({columns}) of table {name!r} is not backed by "
+            "a unique index or constraint; batches walk the key in order, so it must be unique "
+            "(add the primary key's columns at its end, or create a unique index)"
+        )
+
+
+def scan_descriptor(migration: Migration, dialect: sa.Dialect) -> str:
+    """What a cursor walks: table, key, range (and a copy's target). A cursor recorded for
+    another scan cannot be resumed."""
+    described: dict[str, Any] = {
+        "table": migration.table.name,
+        "key": [c.name for c in migration.key],
+    }
+    predicate = migration.range
+    if predicate is not None:
+        described["range"] = _sql_text(predicate, dialect)
+    if migration.target is not None:
+        described["target"] = migration.target.name
+    return json.dumps(described)
+
+
+def describe_scan(descriptor: str) -> str:
+    """A scan descriptor in words, for messages."""
+    try:
+        described = json.loads(descriptor)
+        words = f"table {described['table']!r}, key ({', '.join(described['key'])})"
+    except (ValueError, KeyError, TypeError):
+        return repr(descriptor)
+    words += f", range {described['range']}" if "range" in described else ", the whole table"
+    if "target" in described:
+        words += f", copied into {described['target']!r}"
+    return words
+
+
+def _sql_text(predicate: sa.ColumnElement[bool], dialect: sa.Dialect) -> str:
+    """A predicate as SQL with its values, to tell one range from another."""
+    try:
+        return str(predicate.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    except Exception:  # noqa: BLE001 - a value with no literal form: say it with its parameters
+        compiled = predicate.compile(dialect=dialect)
+        return f"{compiled} {sorted(compiled.params.items(), key=str)!r}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,19 +23,20 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from apps import counting
-from apps.counting import NAME, create_items, migrations
-from backfill import MigrationStatus, Runner, RunResult, State, retry
+from apps.counting import NAME, create_items
+from backfill import RunResult, State, retry
 from backfill.retry import RetriesExhausted, RetryPolicy
 from backfill.store.database import Database, Limits
-from conftest import backfill_command, cli_env
-
-ROWS = 500
-BATCH = 100
-QUICK = RetryPolicy(attempts=5, base_delay=0.01)
-
-
-def expected(source: str) -> str:
-    return source[::-1].upper() + "#" + str(len(source))
+from retrying import (
+    BATCH,
+    ROWS,
+    assert_all_once,
+    cli,
+    expected,
+    make_runner,
+    retries_logged,
+    stored,
+)
 
 
 @pytest.fixture
@@ -45,40 +45,6 @@ def app(mariadb_url: str) -> Iterator[sa.Engine]:
     engine = sa.create_engine(mariadb_url, poolclass=NullPool)
     yield engine
     engine.dispose()
-
-
-def make_runner(url: str, policy: RetryPolicy = QUICK, **limits: float) -> Runner:
-    return Runner(Database(url, limits=Limits(**limits)), migrations, retry_policy=policy)
-
-
-def stored(engine: sa.Engine) -> list[tuple[int, str, str | None, int]]:
-    with engine.connect() as conn:
-        found = conn.execute(sa.text("SELECT id, source, derived, counter FROM items ORDER BY id"))
-        return [(r[0], r[1], r[2], r[3]) for r in found]
-
-
-def assert_all_once(engine: sa.Engine, status: MigrationStatus) -> None:
-    rows = stored(engine)
-    assert len(rows) == ROWS
-    assert all(r[2] == expected(r[1]) and r[3] == 1 for r in rows), [
-        r for r in rows if r[2] != expected(r[1]) or r[3] != 1
-    ][:5]
-    assert (status.processed, status.total, status.changed) == (ROWS, ROWS, ROWS)
-
-
-def retries_logged(caplog: pytest.LogCaptureFixture, what: str) -> int:
-    return sum(what in r.getMessage() for r in caplog.records if r.name == "backfill")
-
-
-def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        backfill_command(*args, "--app", "apps.counting:migrations", "--database-url", url),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(**env),
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def add_trigger(engine: sa.Engine, body: str) -> None:

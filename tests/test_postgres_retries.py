@@ -15,26 +15,25 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from apps.counting import NAME, create_items, items, migrations
-from backfill import MigrationStatus, Runner, State
+from apps.counting import NAME, create_items, items
+from backfill import State
 from backfill.retry import RetriesExhausted, RetryPolicy
-from backfill.store.database import Database, Limits
-from conftest import backfill_command, cli_env
-
-ROWS = 500
-BATCH = 100
-QUICK = RetryPolicy(attempts=5, base_delay=0.01)
-
-
-def expected(source: str) -> str:
-    return source[::-1].upper() + "#" + str(len(source))
+from retrying import (
+    BATCH,
+    ROWS,
+    assert_all_once,
+    cli,
+    expected,
+    make_runner,
+    retries_logged,
+    stored,
+)
 
 
 @pytest.fixture
@@ -43,29 +42,6 @@ def app(postgres_url: str) -> Iterator[sa.Engine]:
     engine = sa.create_engine(postgres_url, poolclass=NullPool)
     yield engine
     engine.dispose()
-
-
-def make_runner(url: str, policy: RetryPolicy = QUICK, **limits: float) -> Runner:
-    return Runner(Database(url, limits=Limits(**limits)), migrations, retry_policy=policy)
-
-
-def stored(engine: sa.Engine) -> list[tuple[int, str, str | None, int]]:
-    with engine.connect() as conn:
-        found = conn.execute(sa.text("SELECT id, source, derived, counter FROM items ORDER BY id"))
-        return [(r[0], r[1], r[2], r[3]) for r in found]
-
-
-def assert_all_once(engine: sa.Engine, status: MigrationStatus) -> None:
-    rows = stored(engine)
-    assert len(rows) == ROWS
-    assert all(r[2] == expected(r[1]) and r[3] == 1 for r in rows), [
-        r for r in rows if r[2] != expected(r[1]) or r[3] != 1
-    ][:5]
-    assert (status.processed, status.total, status.changed) == (ROWS, ROWS, ROWS)
-
-
-def retries_logged(caplog: pytest.LogCaptureFixture, what: str) -> int:
-    return sum(what in r.getMessage() for r in caplog.records if r.name == "backfill")
 
 
 def test_rows_the_app_holds_are_waited_for_briefly_then_retried(postgres_url, app, caplog):
@@ -98,17 +74,6 @@ def test_rows_the_app_holds_are_waited_for_briefly_then_retried(postgres_url, ap
         expected("edited by the app"),
     )
     runner.db.dispose()
-
-
-def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        backfill_command(*args, "--app", "apps.counting:migrations", "--database-url", url),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(**env),
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_a_lock_held_past_every_retry_fails_the_run_with_the_cause_then_it_resumes(

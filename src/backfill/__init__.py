@@ -7,7 +7,6 @@ from backfill.definition import (
     Existing,
     Keep,
     Migration,
-    Migrations,
     Prerequisite,
     Row,
     SqlChange,
@@ -26,6 +25,7 @@ from backfill.errors import (
     UnknownMigration,
 )
 from backfill.progress import MigrationStatus
+from backfill.registry import Migrations
 from backfill.retry import RetryPolicy
 from backfill.runner import DryRun, Runner, RunResult, Verification
 from backfill.state import State

@@ -23,17 +23,18 @@ import sqlalchemy as sa
 from backfill import lease as leases
 from backfill import retry
 from backfill.batch import OnError, Outcome, Sample
-from backfill.definition import Migration, Migrations
+from backfill.definition import Migration
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
 from backfill.pacing import Clock, wall_clock
 from backfill.pipeline import Batches, Decider, lease_lost
 from backfill.progress import MigrationStatus
+from backfill.registry import Migrations
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database, Limits
+from backfill.store.inspection import check_table, reflect_table
 from backfill.store.records import Key, row_id
-from backfill.store.reflection import reflect_table
-from backfill.store.scan import TableScan, check_table, describe_scan, scan_descriptor
+from backfill.store.scan import TableScan, describe_scan, scan_descriptor
 
 ProgressListener = Callable[[MigrationStatus], None]
 SAMPLE_IDS = 20

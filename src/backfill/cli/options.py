@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from backfill import config
-from backfill.definition import Migrations
 from backfill.errors import ConfigError
+from backfill.registry import Migrations
 from backfill.runner import Runner
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -214,7 +214,7 @@ class Database:
             info[_SESSION_LIMITS] = True
         if settings is not None:
             try:
-                raw = _driver(conn).cursor()
+                raw = driver(conn).cursor()
                 try:
                     raw.execute(settings)
                 finally:
@@ -303,7 +303,8 @@ def _is_mariadb(engine: sa.Engine) -> bool:
     return bool(getattr(engine.dialect, "is_mariadb", False))
 
 
-def _driver(conn: sa.Connection) -> Any:
+def driver(conn: sa.Connection) -> Any:
+    """The DBAPI connection under `conn`: the hot statements go straight to it (store.scan)."""
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     return dbapi

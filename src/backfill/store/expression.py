@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
+from backfill.store.database import driver
 from backfill.store.records import Key, row_id
 from backfill.store.scan import Statement
 
@@ -128,10 +129,8 @@ class SqlBatch:
         Rejected, before anything is written, when a row of the batch is outside what the SQL
         handles faithfully, or when the database refuses the UPDATE on this batch's data."""
         statement = self._lock_statement(cursor is not None, limit)
-        dbapi = conn.connection.dbapi_connection
-        assert dbapi is not None
         name = self.migration.name
-        raw = dbapi.cursor()
+        raw = driver(conn).cursor()
         try:
             raw.execute(statement.sql, statement.params(cursor or ()))
             rows = raw.fetchall()

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from backfill.progress import MigrationStatus, RowError, Runner
 from backfill.state import State
+from backfill.store.database import driver
 from backfill.store.tables import migration_errors, migrations
 
 Key = tuple[Any, ...]
@@ -155,7 +156,7 @@ class Ledger:
             return update(conn, self.name, self.generation, **values)
         sql, order = compiled
         given = dict(values, owner_name=self.name, owner_generation=self.generation)
-        raw = _driver(conn).cursor()
+        raw = driver(conn).cursor()
         try:
             raw.execute(sql, tuple(given[n] for n in order))
             return int(raw.rowcount) == 1
@@ -163,14 +164,8 @@ class Ledger:
             raw.close()
 
 
-def _driver(conn: sa.Connection) -> Any:
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    return dbapi
-
-
 def _driver_one(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    raw = _driver(conn).cursor()
+    raw = driver(conn).cursor()
     try:
         raw.execute(sql, params)
         return raw.fetchone()

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration
-from backfill.errors import SchemaMismatch
+from backfill.store.database import driver
 from backfill.store.records import Key
 from backfill.store.values import Fault, Rows, Writes, decode_json
 
@@ -128,7 +128,7 @@ class TableScan:
         the app."""
         statement = self._read_statement(cursor is not None, limit, lock)
         sql, params = statement.sql, statement.params(cursor or ())
-        raw = _driver(conn).cursor()
+        raw = driver(conn).cursor()
         try:
             try:
                 raw.execute(sql, params)
@@ -166,7 +166,7 @@ class TableScan:
             self.dialect,
             self._key_names(cursor is not None),
         )
-        dbapi = _driver(conn)
+        dbapi = driver(conn)
         previous = dbapi.text_factory
         dbapi.text_factory = bytes
         try:
@@ -206,7 +206,7 @@ class TableScan:
             self._triggers = self.dialect.name != "sqlite" or _has_triggers(conn, self.migration)
         if self._triggers:
             return None
-        dbapi = _driver(conn)
+        dbapi = driver(conn)
         raw = dbapi.cursor()
         try:
             (version,) = raw.execute("PRAGMA data_version").fetchone()
@@ -239,7 +239,7 @@ class TableScan:
 
     def write(self, conn: sa.Connection, writes: Writes) -> None:
         """Write every changed row, a group of rows changing the same columns at a time."""
-        raw = _driver(conn).cursor()
+        raw = driver(conn).cursor()
         try:
             for names, rows in writes.groups.items():
                 if self.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
@@ -349,7 +349,7 @@ def _has_triggers(conn: sa.Connection, migration: Migration) -> bool:
     table = migration.table
     if table.schema is not None:
         return True  # an attached database: do not guess, assume the worst
-    raw = _driver(conn).cursor()
+    raw = driver(conn).cursor()
     try:
         found = raw.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table.name,)
@@ -385,71 +385,6 @@ def _usable(raw: Any) -> bool:
     """psycopg: the connection is still inside a transaction that has not failed."""
     status = getattr(getattr(raw.connection, "info", None), "transaction_status", None)
     return getattr(status, "name", None) == "INTRANS"
-
-
-def _driver(conn: sa.Connection) -> Any:
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    return dbapi
-
-
-def check_table(engine: sa.Engine, migration: Migration) -> None:
-    """Refuse, with one sentence, a migration whose tables, columns or key do not fit the
-    database."""
-    inspector = sa.inspect(engine)
-    _check_columns(inspector, migration, migration.table, migration.read_columns, "")
-    if migration.target is not None:
-        _check_columns(
-            inspector, migration, migration.target, tuple(migration.target.columns), "target "
-        )
-    if migration.key_columns:
-        _check_unique_key(inspector, migration)
-
-
-def _check_columns(
-    inspector: Any,
-    migration: Migration,
-    table: sa.Table,
-    columns: Sequence[sa.Column[Any]],
-    role_of_table: str,
-) -> None:
-    if not inspector.has_table(table.name, schema=table.schema):
-        raise SchemaMismatch(
-            f"migration {migration.name!r}: {role_of_table}table {table.name!r} does not exist "
-            "in the database"
-        )
-    present = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
-    for column in columns:
-        if column.name not in present:
-            role = "key column" if column.primary_key else "column"
-            raise SchemaMismatch(
-                f"migration {migration.name!r}: {role_of_table}table {table.name!r} has no "
-                f"{role} {column.name!r}"
-            )
-
-
-def _check_unique_key(inspector: Any, migration: Migration) -> None:
-    """A key given by name must be unique and backed by an index: batches are keyset ranges of
-    it, and a duplicate key value at a batch's edge would be skipped."""
-    table, wanted = migration.table, set(migration.key_columns)
-    name, schema = table.name, table.schema
-    pk = inspector.get_pk_constraint(name, schema=schema).get("constrained_columns") or []
-    unique = [set(pk)] + [
-        set(u["column_names"]) for u in inspector.get_unique_constraints(name, schema=schema)
-    ]
-    unique += [
-        set(i["column_names"])
-        for i in inspector.get_indexes(name, schema=schema)
-        if i.get("unique") and None not in i["column_names"]
-    ]
-    # A key that contains a unique set of columns is unique too (created_at, id).
-    if not any(u and u <= wanted for u in unique):
-        columns = ", ".join(migration.key_columns)
-        raise SchemaMismatch(
-            f"migration {migration.name!r}: key ({columns}) of table {name!r} is not backed by "
-            "a unique index or constraint; batches walk the key in order, so it must be unique "
-            "(add the primary key's columns at its end, or create a unique index)"
-        )
 
 
 def scan_descriptor(migration: Migration, dialect: sa.Dialect) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -476,3 +477,19 @@ __all__ = [
     "pid_exited_unreaped",
     "wait_for",
 ]
+
+
+def kill_moment(h: Harness, proc: Proc, rng: random.Random, inside: bool, wait: float) -> bool:
+    """Wait for the moment to SIGKILL `proc`: a random one up to `wait` seconds, or (`inside`)
+    the first moment it is seen inside a transaction, looked for at random intervals for up to
+    ten seconds, so that every run of a crash test has kills that must roll a batch back.
+    Whether the moment is inside a transaction, as far as can be seen."""
+    if not inside:
+        time.sleep(rng.uniform(0, wait))
+        return h.in_transaction(proc)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.running():
+        if h.in_transaction(proc):
+            return True
+        time.sleep(rng.uniform(0, 0.02))
+    return False

@@ -136,9 +136,17 @@ class Harness:
             create_items(engine, count, seed=seed)
         finally:
             engine.dispose()
+        self.wal()
         sources = {i: s for i, s, _, _ in self.items()}
         assert len(sources) == count
         return sources
+
+    def wal(self) -> None:
+        """SQLite: WAL from the start, as the engine leaves it after its first use (in rollback
+        journal mode, AppTraffic's commits would fail against the runner's reads)."""
+        if self.dialect == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
 
     # -- processes ----------------------------------------------------------------------------
 

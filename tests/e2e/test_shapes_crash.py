@@ -104,13 +104,6 @@ class ShapesHarness(Harness):
     def _engine_for_seed(self) -> sa.Engine:
         return sa.create_engine(self.url)
 
-    def _wal(self) -> None:
-        """SQLite: WAL from the start, as the engine leaves it after its first use (in rollback
-        journal mode, harness.AppTraffic's commits would fail against the runner's reads)."""
-        if self.dialect == "sqlite":
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-
     # pairs
 
     def seed_pairs(self, count: int, seed: int = 0) -> dict[PairKey, str]:
@@ -120,7 +113,7 @@ class ShapesHarness(Harness):
             create_pairs(engine, count, seed=seed)
         finally:
             engine.dispose()
-        self._wal()
+        self.wal()
         rows = self.pairs()
         assert len(rows) == count and all(r[2] is None and r[3] == 0 for r in rows)
         return {(r[0], r[1]): r[4] for r in rows}
@@ -142,7 +135,7 @@ class ShapesHarness(Harness):
             create_notes(engine, count, seed=seed)
         finally:
             engine.dispose()
-        self._wal()
+        self.wal()
         source = self.notes()
         assert len(source) == count and not self.copies() and not self.events()
         return source

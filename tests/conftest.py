@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,36 +29,40 @@ MARIADB_ADMIN_URL = os.environ.get(
 )
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    """A fresh, empty PostgreSQL database, dropped after the test. Fails (never skips) when the
-    server is down: PostgreSQL tests must run in CI."""
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def fresh_database(admin_url: str, create: str, drop: str, **engine: object) -> Iterator[str]:
+    """A new, empty database on the server at `admin_url` (`create` and `drop` with `{name}`),
+    dropped afterwards. Fails, never skips, when the server is down: server tests run in CI."""
+    admin = sa.create_engine(admin_url, **engine)  # type: ignore[arg-type]
     name = f"backfill_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        conn.exec_driver_sql(create.format(name=name))
     try:
-        yield str(sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False))
+        yield str(sa.make_url(admin_url).set(database=name).render_as_string(False))
     finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.exec_driver_sql(drop.format(name=name))
         admin.dispose()
 
 
 @pytest.fixture
-def mariadb_url() -> str:
-    """A fresh, empty MariaDB database, dropped after the test. Fails (never skips) when the
-    server is down, as for PostgreSQL."""
-    admin = sa.create_engine(MARIADB_ADMIN_URL)
-    name = f"backfill_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    try:
-        yield str(sa.make_url(MARIADB_ADMIN_URL).set(database=name).render_as_string(False))
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped after the test."""
+    yield from fresh_database(
+        POSTGRES_ADMIN_URL,
+        'CREATE DATABASE "{name}"',
+        'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+        isolation_level="AUTOCOMMIT",
+    )
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A fresh, empty MariaDB database, dropped after the test."""
+    yield from fresh_database(
+        MARIADB_ADMIN_URL,
+        "CREATE DATABASE `{name}` CHARACTER SET utf8mb4",
+        "DROP DATABASE IF EXISTS `{name}`",
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])

@@ -34,6 +34,7 @@ caller, so tests drive it without waiting.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -291,3 +292,14 @@ def call(
                 on_retry(transient, retries, wait)
             sleep(wait)
             pending = transient
+
+
+def log_retry(name: str, attempts: int, transient: Transient, n: int, wait: float) -> None:
+    logging.getLogger("backfill").warning(
+        "migration %r: batch rolled back (%s); retry %d of %d in %.2f s",
+        name,
+        transient.describe(),
+        n,
+        attempts,
+        wait,
+    )

@@ -7,48 +7,34 @@ it prints nothing and knows nothing of Rich or click.
 from __future__ import annotations
 
 import json
-import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import OnError, Outcome, Sample
+from backfill.batch import OnError
 from backfill.definition import Migration
+from backfill.dry_run import DryRun, rehearse
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
 from backfill.pacing import Clock, wall_clock
-from backfill.pipeline import Batches, Decider, lease_lost
+from backfill.pipeline import Batches, lease_lost
 from backfill.progress import MigrationStatus
 from backfill.registry import Migrations
 from backfill.state import State
+from backfill.stop_signals import StopSignals
 from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.inspection import check_table, reflect_table
-from backfill.store.records import Key, row_id
-from backfill.store.scan import TableScan, describe_scan, scan_descriptor
+from backfill.store.scan import describe_scan, scan_descriptor
+from backfill.verification import SAMPLE_IDS, Verification, verify
 
 ProgressListener = Callable[[MigrationStatus], None]
-SAMPLE_IDS = 20
-
-
-@dataclass(frozen=True)
-class DryRun:
-    name: str
-    batches: int
-    rows: int
-    would_change: int
-    would_skip: int
-    would_keep: int
-    samples: list[Sample]
 
 
 @dataclass(frozen=True)
@@ -62,52 +48,6 @@ class RunResult:
     @property
     def state(self) -> State:
         return self.status.state
-
-
-@dataclass(frozen=True)
-class Verification:
-    name: str
-    remaining: int
-    sample_ids: list[Any]
-    raising: int
-    raising_ids: list[Any]
-    kept: int = 0
-    kept_ids: list[Any] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return self.remaining == 0 and self.raising == 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "remaining": self.remaining,
-            "sample_ids": self.sample_ids,
-            "raising": self.raising,
-            "raising_ids": self.raising_ids,
-            "kept": self.kept,
-            "kept_ids": self.kept_ids,
-        }
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM become a request to stop after the current batch (main thread only)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signum
-
-    def __exit__(self, *_exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class Runner:
@@ -231,44 +171,12 @@ class Runner:
 
     # -- read-only scans ----------------------------------------------------------------------
 
-    def _scan_all(self, migration: Migration) -> Iterator[Outcome]:
-        scan = TableScan(self.db.engine, migration)
-        decider = Decider(self.db, migration, scan)
-        cursor: Key | None = None
-        while True:
-            # Rolled back: a function given the connection may write, and must leave nothing.
-            with self.db.read(rollback=True) as conn:
-                rows = scan.read(conn, cursor, migration.batch_size, lock=False)
-                if not rows:
-                    return
-                # Encoded as a run would, so a value that cannot be stored counts as raising.
-                outcome = decider(conn, rows, OnError.SKIP, write=False, dry_run=True)
-            yield outcome
-            cursor = rows.last_key
-            if len(rows) < migration.batch_size:
-                return
-
     def verify(self, name: str) -> Verification:
         """Full read-only scan: rows the migration would still change, and rows it raises on."""
         migration = self.migration(name)
         with self.db.unavailable_as_error():
             check_table(self.db.engine, migration)
-            remaining = raising = kept = 0
-            sample_ids: list[Any] = []
-            raising_ids: list[Any] = []
-            kept_ids: list[Any] = []
-            for outcome in self._scan_all(migration):
-                remaining += outcome.changed
-                raising += len(outcome.skipped)
-                kept += len(outcome.kept)
-                sample_ids += [row_id(k) for k, _ in outcome.changes][
-                    : SAMPLE_IDS - len(sample_ids)
-                ]
-                raising_ids += [row_id(s.key) for s in outcome.skipped][
-                    : SAMPLE_IDS - len(raising_ids)
-                ]
-                kept_ids += [row_id(k) for k in outcome.kept][: SAMPLE_IDS - len(kept_ids)]
-        return Verification(name, remaining, sample_ids, raising, raising_ids, kept, kept_ids)
+            return verify(self.db, migration)
 
     def count(self, name: str) -> Verification:
         """How many rows the migration would still change (the same scan as verify)."""
@@ -308,7 +216,11 @@ class Runner:
                 in_sql = sql and not dry_run  # a dry run goes through the function
                 size = batch_size or migration.default_batch_size(self.db.dialect, sql=in_sql)
                 if dry_run:
-                    result = self._dry_run(migration, size, dry_run_batches, policy)
+                    report = rehearse(
+                        self.db, migration, size, dry_run_batches, policy, self._observed
+                    )
+                    status = self.status([migration.name])[migration.name]
+                    result = RunResult(migration.name, status, dry_run=report)
                 else:
                     result = self._run_one(
                         migration, size, restart, policy, pause, listener, sql=sql
@@ -383,7 +295,7 @@ class Runner:
         interval = max(self.lease_seconds / 3, 0.05)
         with (
             leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
-            _StopSignals() as signals,
+            StopSignals() as signals,
             Batches(
                 self.db, migration, generation, record, size, policy, self.clock, sql=sql
             ) as batches,
@@ -416,7 +328,7 @@ class Runner:
         pause: float,
         listener: ProgressListener | None,
         heartbeat: leases.Heartbeat,
-        signals: _StopSignals,
+        signals: StopSignals,
     ) -> RunResult:
         while True:
             if heartbeat.lost.is_set():
@@ -431,7 +343,7 @@ class Runner:
                     classify=self.db.transient,
                     recover=batches.recover,
                     sleep=self.sleep,
-                    on_retry=partial(_log_retry, name, self.retry_policy.attempts),
+                    on_retry=partial(retry.log_retry, name, self.retry_policy.attempts),
                 )
             except (retry.RetriesExhausted, RowFailed) as failure:
                 # A row at fault names its id and field; exhausted retries name only the cause.
@@ -466,54 +378,6 @@ class Runner:
                 f"migration {name!r}: this runner lost its lease before it could record {target}"
             )
         return RunResult(name, self.status([name])[name])
-
-    def _dry_run(self, migration: Migration, size: int, batches: int, policy: OnError) -> RunResult:
-        """Run batches through the real path inside one transaction, then roll it all back."""
-        scan = TableScan(self.db.engine, migration)
-        decider = Decider(self.db, migration, scan)
-        with self.db.engine.connect() as conn:
-            # The batch's timeouts too: a dry run locks rows like a run, and must not queue the
-            # application behind it either.
-            transaction = self.db.begin_batch(conn)
-            try:
-                record = records.load(conn, migration.name) if records.tables_exist(conn) else None
-                observed = self._observed(record)
-                cursor = record.cursor if record and observed is not State.SUCCESS else None
-                rows_seen = changed = skipped = kept = done_batches = 0
-                samples: list[Sample] = []
-                for _ in range(batches):
-                    rows = scan.read(conn, cursor, size)
-                    if not rows:
-                        break
-                    outcome = decider(conn, rows, policy, samples=10 - len(samples), dry_run=True)
-                    if outcome.writes is not None and outcome.changes:
-                        scan.write(conn, outcome.writes)
-                    samples += outcome.samples
-                    rows_seen += outcome.processed
-                    changed += outcome.changed
-                    skipped += len(outcome.skipped)
-                    kept += len(outcome.kept)
-                    done_batches += 1
-                    cursor = outcome.last_key
-                    if len(rows) < size:
-                        break
-            finally:
-                transaction.rollback()
-        report = DryRun(migration.name, done_batches, rows_seen, changed, skipped, kept, samples)
-        return RunResult(
-            migration.name, self.status([migration.name])[migration.name], dry_run=report
-        )
-
-
-def _log_retry(name: str, attempts: int, transient: retry.Transient, n: int, wait: float) -> None:
-    logging.getLogger("backfill").warning(
-        "migration %r: batch rolled back (%s); retry %d of %d in %.2f s",
-        name,
-        transient.describe(),
-        n,
-        attempts,
-        wait,
-    )
 
 
 def _rounded(age: timedelta) -> timedelta:

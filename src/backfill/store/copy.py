@@ -18,7 +18,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from backfill.definition import Existing, Migration
 from backfill.store.database import driver
 from backfill.store.records import Key
-from backfill.store.scan import Statement
+from backfill.store.statement import Statement
 from backfill.store.values import Writes, decode_json
 
 _KEYS_PER_READ = 500

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from backfill.definition import Migration, SqlChange
 from backfill.store.database import driver
 from backfill.store.records import Key, row_id
-from backfill.store.scan import Statement
+from backfill.store.statement import Statement
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from backfill.definition import Migration
 from backfill.store.database import driver
 from backfill.store.records import Key
+from backfill.store.statement import Statement
 from backfill.store.values import Fault, Rows, Writes, decode_json
 
 Snapshot = tuple[int, int]
@@ -28,47 +28,6 @@ _ROWS_PER_STATEMENT = 5000
 
 def _is_json(column: sa.Column[Any]) -> bool:
     return isinstance(column.type, sa.JSON)
-
-
-@dataclass(frozen=True)
-class Statement:
-    """SQL compiled once for the driver, with the order in which it takes its parameters."""
-
-    sql: str
-    # Per driver parameter, an index into the given values followed by `constants`; None: the
-    # given values then the constants, as they are.
-    order: tuple[int, ...] | None
-    constants: tuple[Any, ...]  # values SQLAlchemy bound itself (LIMIT, a range's literals)
-
-    @classmethod
-    def compile(
-        cls, statement: sa.ClauseElement, dialect: sa.Dialect, names: Sequence[str]
-    ) -> Statement:
-        compiled: Any = statement.compile(dialect=dialect)
-        if not compiled.positional:
-            raise NotImplementedError(
-                f"{dialect.name}: named parameter styles are not supported yet"
-            )
-        wanted = list(compiled.positiontup or ())
-        theirs = [n for n in wanted if n not in names]
-        # A range's literals go to the driver as SQLAlchemy would send them (a datetime as
-        # SQLite's text, say): the hot statements skip SQLAlchemy's execution.
-        processors = getattr(compiled, "_bind_processors", {})
-        constants = tuple(
-            processors[n](compiled.params[n]) if n in processors else compiled.params[n]
-            for n in theirs
-        )
-        order = tuple(
-            names.index(n) if n in names else len(names) + theirs.index(n) for n in wanted
-        )
-        identity = order == tuple(range(len(names) + len(theirs)))
-        return cls(compiled.string, None if identity else order, constants)
-
-    def params(self, values: Sequence[Any]) -> tuple[Any, ...]:
-        if self.order is None:
-            return tuple(values) + self.constants
-        given = tuple(values) + self.constants
-        return tuple(given[i] for i in self.order)
 
 
 class TableScan:

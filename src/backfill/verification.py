@@ -1,0 +1,78 @@
+"""Verify: a full read-only scan that runs a migration's function over every row of its range,
+and reports what is still to change, what raises and what is kept. Nothing it does is kept: each
+scan's transaction is rolled back (a function given the connection may write)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from backfill.batch import OnError, Outcome
+from backfill.definition import Migration
+from backfill.pipeline import Decider
+from backfill.store.database import Database
+from backfill.store.records import Key, row_id
+from backfill.store.scan import TableScan
+
+SAMPLE_IDS = 20
+
+
+@dataclass(frozen=True)
+class Verification:
+    name: str
+    remaining: int
+    sample_ids: list[Any]
+    raising: int
+    raising_ids: list[Any]
+    kept: int = 0
+    kept_ids: list[Any] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.remaining == 0 and self.raising == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "remaining": self.remaining,
+            "sample_ids": self.sample_ids,
+            "raising": self.raising,
+            "raising_ids": self.raising_ids,
+            "kept": self.kept,
+            "kept_ids": self.kept_ids,
+        }
+
+
+def verify(db: Database, migration: Migration) -> Verification:
+    """Rows the migration would still change, rows it raises on and rows it keeps, with up to
+    SAMPLE_IDS ids of each."""
+    remaining = raising = kept = 0
+    sample_ids: list[Any] = []
+    raising_ids: list[Any] = []
+    kept_ids: list[Any] = []
+    for outcome in _scan_all(db, migration):
+        remaining += outcome.changed
+        raising += len(outcome.skipped)
+        kept += len(outcome.kept)
+        sample_ids += [row_id(k) for k, _ in outcome.changes][: SAMPLE_IDS - len(sample_ids)]
+        raising_ids += [row_id(s.key) for s in outcome.skipped][: SAMPLE_IDS - len(raising_ids)]
+        kept_ids += [row_id(k) for k in outcome.kept][: SAMPLE_IDS - len(kept_ids)]
+    return Verification(migration.name, remaining, sample_ids, raising, raising_ids, kept, kept_ids)
+
+
+def _scan_all(db: Database, migration: Migration) -> Iterator[Outcome]:
+    scan = TableScan(db.engine, migration)
+    decider = Decider(db, migration, scan)
+    cursor: Key | None = None
+    while True:
+        # Rolled back: a function given the connection may write, and must leave nothing.
+        with db.read(rollback=True) as conn:
+            rows = scan.read(conn, cursor, migration.batch_size, lock=False)
+            if not rows:
+                return
+            # Encoded as a run would, so a value that cannot be stored counts as raising.
+            outcome = decider(conn, rows, OnError.SKIP, write=False, dry_run=True)
+        yield outcome
+        cursor = rows.last_key
+        if len(rows) < migration.batch_size:
+            return

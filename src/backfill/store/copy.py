@@ -16,14 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from backfill.definition import Existing, Migration
-from backfill.store.database import driver
+from backfill.store.database import JSON_AS_TEXT, LOCKING, MYSQL, driver
 from backfill.store.records import Key
 from backfill.store.statement import Statement
-from backfill.store.values import Writes, decode_json
+from backfill.store.values import Writes, decode_json, is_json
 
 _KEYS_PER_READ = 500
-_LOCKING = frozenset({"postgresql", "mysql", "mariadb"})
-_JSON_AS_TEXT = frozenset({"sqlite", "mysql", "mariadb"})
 
 
 class CopyTarget:
@@ -35,15 +33,15 @@ class CopyTarget:
         self.key = tuple(self.table.primary_key.columns)
         self.key_names = tuple(c.name for c in self.key)
         self.names = [c.name for c in self.table.columns]
-        decoded = self.dialect.name in _JSON_AS_TEXT
-        self._decoded = [c.name for c in self.table.columns if decoded and _is_json(c)]
+        decoded = self.dialect.name in JSON_AS_TEXT
+        self._decoded = [c.name for c in self.table.columns if decoded and is_json(c)]
         self._reads: dict[tuple[int, bool], Statement] = {}
         self._inserts: dict[tuple[str, ...], Statement] = {}
         self._updates: dict[tuple[str, ...], Statement] = {}
 
     def writes(self) -> Writes:
         """Where decide encodes the target rows (JSON columns of the target, not the source)."""
-        return Writes(frozenset(c.name for c in self.table.columns if _is_json(c)))
+        return Writes(frozenset(c.name for c in self.table.columns if is_json(c)))
 
     def settle(
         self,
@@ -142,7 +140,7 @@ class CopyTarget:
                 rows = [sa.tuple_(*params[i : i + width]) for i in range(0, len(params), width)]
                 match = sa.tuple_(*self.key).in_(rows)
             statement = sa.select(*self.table.columns).where(match)
-            if lock and self.dialect.name in _LOCKING:
+            if lock and self.dialect.name in LOCKING:
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, names)
             if len(self._reads) < 16:  # full chunks recur; the last, shorter one may not
@@ -170,7 +168,7 @@ class CopyTarget:
             return postgresql.insert(self.table).values(values).on_conflict_do_nothing()
         if name == "sqlite":
             return sqlite.insert(self.table).values(values).on_conflict_do_nothing()
-        if name in ("mysql", "mariadb"):
+        if name in MYSQL:
             first = self.key[0]
             return mysql.insert(self.table).values(values).on_duplicate_key_update({first: first})
         return sa.insert(self.table).values(values)
@@ -188,10 +186,6 @@ class CopyTarget:
             cached = Statement.compile(statement, self.dialect, params + keys)
             self._updates[names] = cached
         return cached
-
-
-def _is_json(column: sa.Column[Any]) -> bool:
-    return isinstance(column.type, sa.JSON)
 
 
 def _text(key: Key) -> tuple[str, ...]:

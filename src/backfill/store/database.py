@@ -24,6 +24,10 @@ from backfill.store.tables import ensure_schema
 _READ_ONLY = "backfill_read_only"
 _SESSION_LIMITS = "backfill_session_limits"  # a pooled MySQL connection still has a batch's limits
 MYSQL = frozenset({"mysql", "mariadb"})  # SQLAlchemy's names: mysql+pymysql, mariadb+pymysql
+# Dialects whose batches lock the rows they read (SELECT ... FOR UPDATE); SQLite locks the file.
+LOCKING = frozenset({"postgresql"}) | MYSQL
+# Dialects whose driver hands JSON columns back as text, for backfill to decode.
+JSON_AS_TEXT = frozenset({"sqlite"}) | MYSQL
 # What "no limit" means for innodb_lock_wait_timeout: MariaDB's largest (about 3 years; MySQL's
 # is larger).
 _MYSQL_NO_LOCK_TIMEOUT = 100_000_000

@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
-from backfill.store.database import driver
+from backfill.store.database import LOCKING, driver
 from backfill.store.records import Key, row_id
 from backfill.store.statement import Statement
 
@@ -118,7 +118,7 @@ class SqlBatch:
                 params = [sa.bindparam(n, type_=c.type) for n, c in zip(names, key, strict=True)]
                 statement = statement.where(_compare(key, params, ">"))
             statement = statement.order_by(*[c.asc() for c in key]).limit(limit)
-            if self.dialect.name in ("postgresql", "mysql", "mariadb"):
+            if self.dialect.name in LOCKING:
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, names)
             self._locks[(cursor_given, limit)] = cached

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from backfill.definition import Migration
 from backfill.errors import SchemaMismatch
+from backfill.store.database import MYSQL
 
 _JSON_VALID = re.compile(r"json_valid\(\s*`((?:[^`]|``)+)`\s*\)", re.IGNORECASE)
 
@@ -26,7 +27,7 @@ def reflect_table(engine: sa.Engine, name: str, schema: str | None) -> sa.Table:
         table = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
     except sa.exc.NoSuchTableError:
         raise SchemaMismatch(f"table {name!r} does not exist in the database") from None
-    if engine.dialect.name in ("mysql", "mariadb"):
+    if engine.dialect.name in MYSQL:
         for column in _json_checked(engine, name, schema):
             if column in table.c and isinstance(table.c[column].type, sa.String):
                 table.c[column].type = sa.JSON()

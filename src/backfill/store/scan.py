@@ -17,17 +17,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration
-from backfill.store.database import driver
+from backfill.store.database import JSON_AS_TEXT, LOCKING, driver
 from backfill.store.records import Key
 from backfill.store.statement import Statement
-from backfill.store.values import Fault, Rows, Writes, decode_json
+from backfill.store.values import Fault, Rows, Writes, decode_json, is_json
 
 Snapshot = tuple[int, int]
 _ROWS_PER_STATEMENT = 5000
-
-
-def _is_json(column: sa.Column[Any]) -> bool:
-    return isinstance(column.type, sa.JSON)
 
 
 class TableScan:
@@ -41,9 +37,9 @@ class TableScan:
         self.column_names = frozenset(c.name for c in table.columns)
         # Drivers that hand back JSON as text (SQLite; MariaDB, whose JSON is LONGTEXT, and
         # MySQL through PyMySQL) need decoding; psycopg decodes jsonb itself.
-        decode_text = self.dialect.name in ("sqlite", "mysql", "mariadb")
-        self.decoded = [c.name for c in self.columns if _is_json(c) and decode_text]
-        self.json_names = frozenset(c.name for c in table.columns if _is_json(c))
+        decode_text = self.dialect.name in JSON_AS_TEXT
+        self.decoded = [c.name for c in self.columns if is_json(c) and decode_text]
+        self.json_names = frozenset(c.name for c in table.columns if is_json(c))
         self._range = migration.range
         self._select = sa.select(*self.columns)
         self._order = [c.asc() for c in migration.key]
@@ -75,7 +71,7 @@ class TableScan:
         cached = self._reads.get((cursor_given, limit, lock))
         if cached is None:
             statement = self._after(self._select, cursor_given).order_by(*self._order).limit(limit)
-            if lock and self.dialect.name in ("postgresql", "mysql", "mariadb"):
+            if lock and self.dialect.name in LOCKING:
                 statement = statement.with_for_update()
             cached = Statement.compile(statement, self.dialect, self._key_names(cursor_given))
             self._reads[(cursor_given, limit, lock)] = cached

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
+
 from backfill.errors import BadValue
 from backfill.store.records import Key
 
@@ -57,6 +59,10 @@ class Rows:
     @property
     def last_key(self) -> Key | None:
         return self.keys[-1] if self.keys else None
+
+
+def is_json(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type, sa.JSON)
 
 
 DECODER = json.JSONDecoder()

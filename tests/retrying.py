@@ -3,13 +3,14 @@ the counting app's rows checked migrated exactly once, a quick retry policy, the
 
 from __future__ import annotations
 
+import logging
 import subprocess
 
 import pytest
 import sqlalchemy as sa
 
-from apps.counting import migrations
-from backfill import MigrationStatus, Runner
+from apps.counting import NAME, create_items, migrations
+from backfill import MigrationStatus, Runner, State
 from backfill.retry import RetryPolicy
 from backfill.store.database import Database, Limits
 from conftest import backfill_command, cli_env
@@ -55,3 +56,39 @@ def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         env=cli_env(**env),
         stdin=subprocess.DEVNULL,
     )
+
+
+def rows_the_app_holds_are_waited_for(
+    url: str, app: sa.Engine, caplog: pytest.LogCaptureFixture, lock_timeout: float, logged: str
+) -> None:
+    """A row the app holds across two of the runner's tries: the batch times out on its lock,
+    backs off, is retried, and migrates what the app committed."""
+    caplog.set_level(logging.WARNING, logger="backfill")
+    runner = make_runner(url, lock_timeout=lock_timeout)
+    create_items(runner.db.engine, ROWS)
+    # The app edits row 250 and keeps its transaction open across two of the runner's tries.
+    holder = app.connect()
+    held = holder.begin()
+    holder.execute(sa.text("UPDATE items SET source = 'edited by the app' WHERE id = 250"))
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            held.commit()
+
+    runner.sleep = sleep
+    try:
+        [result] = runner.run([NAME], batch_size=BATCH)
+    finally:
+        holder.close()
+    assert result.state is State.SUCCESS, result
+    assert len(sleeps) == 2
+    assert retries_logged(caplog, logged) == 2
+    assert_all_once(runner.db.engine, result.status)
+    # The batch waited for the app's edit and migrated what the app committed.
+    assert stored(runner.db.engine)[249][1:3] == (
+        "edited by the app",
+        expected("edited by the app"),
+    )
+    runner.db.dispose()

@@ -35,6 +35,7 @@ from retrying import (
     expected,
     make_runner,
     retries_logged,
+    rows_the_app_holds_are_waited_for,
     stored,
 )
 
@@ -85,35 +86,8 @@ def test_mysql_error_numbers_are_classified(error, cause):
 
 
 def test_rows_the_app_holds_are_waited_for_briefly_then_retried(mariadb_url, app, caplog):
-    caplog.set_level(logging.WARNING, logger="backfill")
-    runner = make_runner(mariadb_url, lock_timeout=1)
-    create_items(runner.db.engine, ROWS)
-    # The app edits row 250 and keeps its transaction open across two of the runner's tries.
-    holder = app.connect()
-    held = holder.begin()
-    holder.execute(sa.text("UPDATE items SET source = 'edited by the app' WHERE id = 250"))
-    sleeps: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        if len(sleeps) == 2:
-            held.commit()
-
-    runner.sleep = sleep
-    try:
-        [result] = runner.run([NAME], batch_size=BATCH)
-    finally:
-        holder.close()
-    assert result.state is State.SUCCESS, result
-    assert len(sleeps) == 2
-    assert retries_logged(caplog, "lock timeout (1205)") == 2
-    assert_all_once(runner.db.engine, result.status)
-    # The batch waited for the app's edit and migrated what the app committed.
-    assert stored(runner.db.engine)[249][1:3] == (
-        "edited by the app",
-        expected("edited by the app"),
-    )
-    runner.db.dispose()
+    # InnoDB waits whole seconds.
+    rows_the_app_holds_are_waited_for(mariadb_url, app, caplog, 1, "lock timeout (1205)")
 
 
 def test_a_lock_held_past_every_retry_fails_the_run_with_the_cause_then_it_resumes(

@@ -1,7 +1,9 @@
-"""The next batch is read and decided while the current one commits (SQLite); it may only be used
-when nothing else committed in between. These tests commit in between, from the progress
-listener (called after a batch commits, when the next batch has already been read ahead), as the
-application would from another connection, and check that no stale work is written.
+"""Work on the next batch is done ahead on SQLite: on the Python path its rows are read and
+decided while the current batch commits; on the SQL path its rows are prepared (counted, their
+text decoded, the guard checked) while the current batch's UPDATE runs. That work may only be
+used when nothing else committed in between. These tests commit in between, from the progress
+listener (called after a batch commits, when the next batch has already been worked ahead), as
+the application would from another connection, and check that no stale work is used.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from conftest import rows
 BATCH = 100
 
 
+@pytest.fixture(params=["sql", "python"])
+def path(request: pytest.FixtureRequest) -> bool:
+    """Whether the flagship's batches are decided by its SQL (the default) or its function."""
+    return bool(request.param == "sql")
+
+
 def app_write(db_path: str, sql: str, *params: object) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -32,7 +40,7 @@ def path_of(db) -> str:
     return db.engine.url.database
 
 
-def test_an_edit_after_the_read_ahead_is_migrated_from_the_edited_row(seeded, runner):
+def test_an_edit_after_the_read_ahead_is_migrated_from_the_edited_row(seeded, runner, path):
     db = seeded(3 * BATCH)
     edited = BATCH + 50  # in the second batch, read ahead while the first one commits
 
@@ -44,14 +52,14 @@ def test_an_edit_after_the_read_ahead_is_migrated_from_the_edited_row(seeded, ru
                 edited,
             )
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=edit_once)
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=edit_once, sql=path)
 
     assert result.state is State.SUCCESS and result.status.changed == 3 * BATCH
     [(parts,)] = rows(db.engine, f"SELECT parts FROM messages WHERE id = {edited}")
     assert json.loads(parts) == [{"type": "text", "text": "edited"}]
 
 
-def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, runner):
+def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, runner, path):
     db = seeded(3 * BATCH)
     dual_written = BATCH + 1
     new_parts = [{"type": "text", "text": "written by the new code"}]
@@ -65,7 +73,7 @@ def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, r
                 dual_written,
             )
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=dual_write_once)
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=dual_write_once, sql=path)
 
     assert result.state is State.SUCCESS
     assert result.status.changed == 3 * BATCH - 1
@@ -73,18 +81,77 @@ def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, r
     assert json.loads(parts) == new_parts
 
 
-def test_every_batch_is_written_exactly_once_across_read_aheads(seeded, runner):
+def test_every_batch_is_written_exactly_once_across_read_aheads(seeded, runner, path):
     db = seeded(10 * BATCH + 7)
     before = rows(db.engine, "SELECT id, body, thinking_content FROM messages ORDER BY id")
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=lambda status: None)
+    [result] = runner.run(
+        ["body_to_parts"], batch_size=BATCH, listener=lambda status: None, sql=path
+    )
 
     assert (result.status.processed, result.status.changed) == (10 * BATCH + 7,) * 2
     after = dict(rows(db.engine, "SELECT id, parts FROM messages"))
     for message_id, body, thinking in before:
         assert json.loads(after[message_id]) == derive_parts(body, thinking)
-    [again] = runner.run(["body_to_parts"], restart=True)
+    [again] = runner.run(["body_to_parts"], restart=True, sql=path)
     assert (again.status.processed, again.status.changed) == (10 * BATCH + 7, 0)
+
+
+def test_a_row_made_bad_after_the_read_ahead_fails_naming_it(seeded, runner, path):
+    # TEXT that is not UTF-8: SQLite's JSON functions would copy its bytes into parts, so on
+    # the SQL path the batch's text is decoded first (done ahead): that check must not be
+    # trusted after the app's write, or the bad row would be migrated instead of named.
+    db = seeded(3 * BATCH)
+    made_bad = BATCH + 30
+
+    def write_bad_text_once(status):
+        if status.processed == BATCH:
+            app_write(
+                path_of(db), "UPDATE messages SET body = CAST(x'80' AS TEXT) WHERE id = ?", made_bad
+            )
+
+    [result] = runner.run(
+        ["body_to_parts"], batch_size=BATCH, listener=write_bad_text_once, sql=path
+    )
+
+    assert result.state is State.FAILED
+    assert result.error is not None
+    assert (result.error.row_id, result.error.field) == (made_bad, "body")
+    assert result.status.processed == BATCH
+    assert rows(db.engine, "SELECT count(*) FROM messages WHERE parts IS NULL") == [(2 * BATCH,)]
+
+
+@pytest.mark.parametrize("change", ["delete", "insert"])
+def test_rows_deleted_or_inserted_after_the_read_ahead_are_counted_as_they_are(
+    seeded, runner, path, change
+):
+    # The next batch's rows were counted ahead: after the app deletes one of them, or inserts
+    # a legacy message among them, the batch counts (and migrates) the rows it finds.
+    db = seeded(3 * BATCH)
+    moved = BATCH + 20
+    if change == "insert":
+        app_write(path_of(db), "DELETE FROM messages WHERE id = ?", moved)  # a gap to fill
+
+    def change_once(status):
+        if status.processed != BATCH:
+            return
+        if change == "delete":
+            app_write(path_of(db), "DELETE FROM messages WHERE id = ?", moved)
+        else:
+            app_write(
+                path_of(db),
+                "INSERT INTO messages (id, conversation_id, role, body, created_at)"
+                " VALUES (?, 1, 'user', 'inserted', '2026-01-01 00:00:00')",
+                moved,
+            )
+
+    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=change_once, sql=path)
+
+    [(count,)] = rows(db.engine, "SELECT count(*) FROM messages")
+    assert count == (3 * BATCH - 1 if change == "delete" else 3 * BATCH)
+    assert result.state is State.SUCCESS
+    assert (result.status.processed, result.status.changed) == (count, count)
+    assert rows(db.engine, "SELECT count(*) FROM messages WHERE parts IS NULL") == [(0,)]
 
 
 # -- values that cannot be stored as JSON are errors on their own row -------------------------

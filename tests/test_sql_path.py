@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from backfill import BadValue, Migrations, Row, Runner, SqlChange, State
+from backfill import BadValue, Migrations, Row, Runner, SqlChange, State, pipeline
 from backfill.store import expression
 from backfill.store.database import Database
 from chat_migrations import derive_parts, messages, migrations
@@ -119,23 +119,28 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 class _Spy:
-    """Counts the batches decided in the database, and those it rejected."""
+    """Counts the batches decided in the database, and those it rejected (then done again in
+    Python)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.applied = 0
         self.rejected = 0
-        original = expression.SqlBatch.apply
+        apply, next_batch = expression.SqlBatch.apply, pipeline.Batches._next
 
-        def apply(batch: expression.SqlBatch, *args: Any, **kwargs: Any) -> Any:
-            try:
-                result = original(batch, *args, **kwargs)
-            except expression.Rejected:
-                self.rejected += 1
-                raise
+        def counted_apply(batch: expression.SqlBatch, *args: Any, **kwargs: Any) -> Any:
+            result = apply(batch, *args, **kwargs)
             self.applied += 1
             return result
 
-        monkeypatch.setattr(expression.SqlBatch, "apply", apply)
+        def counted_next(batches: pipeline.Batches, in_database: Any) -> Any:
+            try:
+                return next_batch(batches, in_database)
+            except expression.Rejected:
+                self.rejected += 1
+                raise
+
+        monkeypatch.setattr(expression.SqlBatch, "apply", counted_apply)
+        monkeypatch.setattr(pipeline.Batches, "_next", counted_next)
 
 
 def _both_paths(

@@ -14,7 +14,6 @@ from typing import Any
 from backfill.definition import DELETE, Context, Form, Keep, Migration
 from backfill.errors import BadValue, RowFailed
 from backfill.store.records import Key, row_id
-from backfill.store.scan import Snapshot
 from backfill.store.values import Rows, Writes
 
 
@@ -261,42 +260,3 @@ def _batch_results(
                 raise
             results[position] = _Raised(error)
     return results
-
-
-@dataclass(frozen=True)
-class Ahead:
-    """The next batch, read and decided outside any transaction while the previous one commits.
-
-    It may stand for a read inside the next transaction only when nothing can have changed its
-    rows in between: same cursor, and the store's snapshot token unchanged (no other connection
-    committed since the previous transaction took the write lock).
-
-    A batch that fails on a row is not kept: the transaction reads and decides it again, which
-    reports the failure exactly as a plain run does.
-    """
-
-    cursor: Key | None
-    snapshot: Snapshot
-    outcome: Outcome | None = None
-
-    @classmethod
-    def decide(
-        cls,
-        migration: Migration,
-        rows: Rows,
-        on_error: OnError,
-        writes: Writes,
-        cursor: Key | None,
-        snapshot: Snapshot,
-    ) -> Ahead:
-        try:
-            outcome = decide(migration, rows, on_error, writes=writes)
-        except RowFailed:
-            return cls(cursor, snapshot)
-        return cls(cursor, snapshot, outcome)
-
-    def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Outcome | None:
-        """The outcome to use in the transaction that sees `snapshot`; None: read again."""
-        if snapshot is None or snapshot != self.snapshot or cursor != self.cursor:
-            return None
-        return self.outcome

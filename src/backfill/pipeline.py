@@ -3,11 +3,13 @@
 The runner drives the loop (lease, signals, progress events, pauses) and calls `Batches.next`;
 this module owns what happens inside and between the transactions. It knows nothing of the CLI.
 
-Where the store can tell that no other connection committed in between (SQLite), the next
-batch is read and decided on a second connection while a thread writes and commits the current
-one (SQLite does that with the GIL released), and the next transaction takes that work instead
-of reading again: Python work and SQLite's I/O overlap. Otherwise, or when in doubt, each
-transaction reads its own rows.
+Where the store can tell that no other connection committed in between (SQLite), work on the
+next batch is done on a second connection while the current one works (SQLite runs with the
+GIL released): on the Python path its rows are read and decided while a thread writes and
+commits the current batch; on the SQL path its rows are prepared (counted, decoded, checked
+against the guard) on a thread while the current batch's UPDATE runs. The next transaction
+takes that work instead of doing it again. Otherwise, or when in doubt, each transaction does
+its own. On SQLite the WAL is checkpointed on a thread of its own too (store.checkpoints).
 """
 
 from __future__ import annotations
@@ -18,25 +20,26 @@ import os as _os
 import sys
 import time as _time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
-from backfill.batch import Ahead, OnError, Outcome, decide
+from backfill.batch import OnError, Outcome, decide
 from backfill.definition import Context, Form, Migration
-from backfill.errors import LeaseLost
+from backfill.errors import LeaseLost, RowFailed
 from backfill.pacing import Clock
 from backfill.progress import MigrationStatus
 from backfill.retry import Transient
 from backfill.state import State
 from backfill.store import records
+from backfill.store.checkpoints import WalCheckpointer
 from backfill.store.copy import CopyTarget
 from backfill.store.database import Database
-from backfill.store.expression import Rejected, SqlBatch
+from backfill.store.expression import Prepared, Rejected, SqlBatch
 from backfill.store.records import Key, encode_key
 from backfill.store.scan import Snapshot, TableScan
 from backfill.store.values import Rows
@@ -121,7 +124,9 @@ class Batches:
         # The migration's declared SQL for this dialect, unless the run asked for Python only.
         self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
         self._timings: Any = None  # BACKFILL_BATCH_TIMINGS: a file, one line per batch
-        self._ahead: Ahead | None = None
+        self._ahead: Ahead[Outcome] | None = None  # the next batch decided (Python path)
+        self._prepared: Ahead[Prepared] | None = None  # the next batch prepared (SQL path)
+        self._checkpoints: WalCheckpointer | None = None
         self._stack = ExitStack()
 
     def __enter__(self) -> Batches:
@@ -130,9 +135,11 @@ class Batches:
         stack = self._stack
         self._conn = stack.enter_context(self.db.engine.connect())
         self._reader = stack.enter_context(self.db.engine.connect())
-        self._committer = stack.enter_context(
-            ThreadPoolExecutor(1, thread_name_prefix=f"commit-{self.migration.name}")
+        self._helper = stack.enter_context(
+            ThreadPoolExecutor(1, thread_name_prefix=f"batch-{self.migration.name}")
         )
+        if self.db.dialect == "sqlite":
+            self._checkpoints = stack.enter_context(WalCheckpointer(self.db.engine, self._conn))
         stack.enter_context(_interpreter_tuned())
         if _os.environ.get("BACKFILL_BATCH_TIMINGS"):
             self._timings = stack.enter_context(open(_os.environ["BACKFILL_BATCH_TIMINGS"], "a"))
@@ -172,7 +179,11 @@ class Batches:
     def _next(self, in_database: SqlBatch | None) -> Batch | None:
         conn, scan, progress, name = self._conn, self.scan, self.progress, self.migration.name
         ahead, self._ahead = self._ahead, None
+        prepared_ahead, self._prepared = self._prepared, None
+        if self._checkpoints is not None:
+            self._checkpoints.before_batch()
         transaction = self.db.begin_batch(conn)
+        preparing: Future[Ahead[Prepared] | None] | None = None
         try:
             owned, cancel_requested = self.ledger.check(conn)
             if not owned:
@@ -183,7 +194,17 @@ class Batches:
             snapshot = scan.snapshot(conn)
             outcome = None if ahead is None else ahead.take(progress.cursor, snapshot)
             if outcome is None and in_database is not None:
-                applied = in_database.apply(conn, progress.cursor, self.size)
+                prepared = None
+                if prepared_ahead is not None:
+                    prepared = prepared_ahead.take(progress.cursor, snapshot)
+                if prepared is None:
+                    prepared = in_database.prepare(conn, progress.cursor, self.size)
+                if snapshot is not None and prepared.rows == self.size:
+                    # The next batch is prepared on the reader while this one's UPDATE runs.
+                    preparing = self._helper.submit(
+                        self._prepare_ahead, in_database, prepared.last_key, snapshot
+                    )
+                applied = in_database.apply(conn, progress.cursor, self.size, prepared)
                 outcome = Outcome(
                     applied.processed,
                     last_key=applied.last_key,
@@ -213,7 +234,7 @@ class Batches:
             if done or snapshot is None or outcome.moves_keys or not ahead_useful:
                 _write_and_commit(conn, scan, outcome, transaction)
             else:
-                committing = self._committer.submit(
+                committing = self._helper.submit(
                     _write_and_commit, conn, scan, outcome, transaction
                 )
                 try:
@@ -222,9 +243,15 @@ class Batches:
                     committing.result()  # the commit's own error, if any, wins
         except BaseException:
             self._ahead = None
+            if preparing is not None:
+                wait([preparing])  # the reader is free again before anything else uses it
             if transaction.is_active:
                 transaction.rollback()
             raise
+        if preparing is not None:
+            self._prepared = preparing.result()
+        if self._checkpoints is not None:
+            self._checkpoints.committed()
         progress.commit(values)
         return Batch(done)
 
@@ -233,7 +260,7 @@ class Batches:
         try rolled back, or died with its connection, which is then replaced. Progress is read
         back from `_migrations`, the truth even when the connection died during a COMMIT whose
         outcome this runner never heard."""
-        self._ahead = None
+        self._ahead = self._prepared = None
         if transient.reconnect:
             for old in (self._conn, self._reader):
                 with suppress(Exception):
@@ -250,14 +277,54 @@ class Batches:
             raise lease_lost(self.migration.name)
         self.progress = _Progress(record)
 
-    def _read_ahead(self, cursor: Key | None, snapshot: Snapshot) -> Ahead | None:
+    def _read_ahead(self, cursor: Key | None, snapshot: Snapshot) -> Ahead[Outcome] | None:
         try:
             # One SELECT outside any transaction: SQLite reads it from one snapshot.
             rows = self.scan.read(self._reader, cursor, self.size)
         except Exception:  # noqa: BLE001 - the next transaction reads again and reports it
             return None
         writes = self.scan.writes()
-        return Ahead.decide(self.migration, rows, self.policy, writes, cursor, snapshot)
+        try:
+            outcome = decide(self.migration, rows, self.policy, writes=writes)
+        except RowFailed:
+            # Not kept: the transaction decides the batch again, which reports the failure
+            # exactly as a plain run does.
+            return Ahead(cursor, snapshot)
+        return Ahead(cursor, snapshot, outcome)
+
+    def _prepare_ahead(
+        self, in_database: SqlBatch, cursor: Key | None, snapshot: Snapshot
+    ) -> Ahead[Prepared] | None:
+        try:
+            return Ahead(cursor, snapshot, in_database.prepare(self._reader, cursor, self.size))
+        except Exception:  # noqa: BLE001 - Rejected, say: the transaction prepares it again
+            return None
+
+
+Work = TypeVar("Work")
+
+
+@dataclass(frozen=True)
+class Ahead(Generic[Work]):
+    """Work on the next batch done outside any transaction, on the reader connection, while the
+    current batch commits (its rows read and decided, on the Python path) or runs its UPDATE
+    (its rows prepared, on the SQL path).
+
+    It may stand for that work inside the next transaction only when nothing can have changed
+    its rows in between: same cursor, and the store's snapshot token unchanged (no other
+    connection committed since the current transaction took the write lock; the current batch
+    writes other rows).
+    """
+
+    cursor: Key | None
+    snapshot: Snapshot
+    work: Work | None = None
+
+    def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Work | None:
+        """The work to use in the transaction that sees `snapshot`; None: do it again."""
+        if snapshot is None or snapshot != self.snapshot or cursor != self.cursor:
+            return None
+        return self.work
 
 
 class _Progress:

@@ -1,21 +1,23 @@
 """A batch decided in the database: a migration's declared SQL (`definition.SqlChange`) applied to
 the key range of one batch, inside the batch's own transaction.
 
-Two statements, where the Python path has a read and a write:
+Two steps, where the Python path has a read and a write:
 
-1. lock the batch: `SELECT key FROM t WHERE key > :cursor ORDER BY key LIMIT :size FOR UPDATE`
-   (the same rows, in the same order and with the same locks, as the Python path's read; only
-   the keys travel, and on SQLite the columns the function reads, to be decoded), which gives
-   the batch's size and its last key;
+1. prepare the batch: `SELECT key FROM t WHERE key > :cursor ORDER BY key LIMIT :size FOR
+   UPDATE` (the same rows, in the same order and with the same locks, as the Python path's
+   read; only the keys travel, and on SQLite the columns the function reads, to be decoded),
+   which gives the batch's size and its last key;
 2. `UPDATE t SET <values> WHERE key > :cursor AND key <= :last AND <where>`: the rows of that
    range that the migration changes, computed from their current columns by the database.
 
 Where the SQL is not faithful to the function on every row, the batch is Rejected before it
 writes: on SQLite when the driver cannot decode a value of step 1 (TEXT that is not UTF-8),
 and when a declared guard does not hold for a row of the range (one more `SELECT key ...
-LIMIT 1` between the two).
+LIMIT 1` in step 1).
 
-The cursor, counters and lease check around them are the pipeline's, as for any batch.
+On SQLite, step 1 of the next batch may run ahead, on another connection, while this batch's
+UPDATE runs (the pipeline decides when that stands). The cursor, counters and lease check
+around both steps are the pipeline's, as for any batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ class Applied:
     processed: int  # rows in the batch's range (locked)
     last_key: Key | None
     changed: int  # rows the UPDATE wrote: those of the range that `where` selects
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The rows of a batch, known before its UPDATE: how many, and the last key."""
+
+    rows: int
+    last_key: Key | None
 
 
 class Rejected(Exception):
@@ -89,16 +99,22 @@ class SqlBatch:
             if self.dialect.name == "sqlite"
             else []
         )
-        # The first row of the range outside the guard, if any (NULL counts as outside).
-        self._check_first: sa.Select[Any] | None = None
-        self._check_after: sa.Select[Any] | None = None
+        # The first row of the range outside the guard, if any (NULL counts as outside), by
+        # whether a cursor is given; the driver takes the last key, then the cursor.
+        self._checks: tuple[Statement, Statement] | None = None
         if change.guard is not None:
             check = sa.select(*key).where(sa.case((change.guard, 0), else_=1) == 1)
             check = check.order_by(*[c.asc() for c in key]).limit(1)
             if self._range is not None:
                 check = check.where(self._range)
-            self._check_first = check.where(_compare(key, last, "<="))
-            self._check_after = self._check_first.where(_compare(key, after, ">"))
+            first = check.where(_compare(key, last, "<="))
+            then = first.where(_compare(key, after, ">"))
+            names = [f"backfill_last_{i}" for i in range(len(key))]
+            after_names = names + [f"backfill_after_{i}" for i in range(len(key))]
+            self._checks = (
+                Statement.compile(first, self.dialect, names),
+                Statement.compile(then, self.dialect, after_names),
+            )
 
     @classmethod
     def declared(cls, engine: sa.Engine, migration: Migration) -> SqlBatch | None:
@@ -124,46 +140,72 @@ class SqlBatch:
             self._locks[(cursor_given, limit)] = cached
         return cached
 
-    def apply(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Applied:
-        """Lock the next `limit` rows after `cursor` and update those the migration changes.
-        Rejected, before anything is written, when a row of the batch is outside what the SQL
-        handles faithfully, or when the database refuses the UPDATE on this batch's data."""
-        statement = self._lock_statement(cursor is not None, limit)
+    def prepare(self, conn: sa.Connection, cursor: Key | None, limit: int) -> Prepared:
+        """The next `limit` rows after `cursor`: locked (PostgreSQL, MySQL), their text decoded
+        (SQLite) and checked against the guard. Rejected when a row of them is outside what
+        the SQL handles faithfully.
+
+        Inside the batch's transaction, or on SQLite ahead of it, on another connection and
+        outside any transaction (the pipeline then checks that nothing committed since): so
+        only driver cursors here, never a SQLAlchemy execute, which would begin a transaction
+        that takes SQLite's write lock."""
         name = self.migration.name
+        statement = self._lock_statement(cursor is not None, limit)
         raw = driver(conn).cursor()
         try:
-            raw.execute(statement.sql, statement.params(cursor or ()))
-            rows = raw.fetchall()
-        except sqlite3.OperationalError as error:
-            if "decode" not in str(error):
-                raise
-            raise Rejected(name, "a row holds TEXT that is not valid UTF-8") from error
-        finally:
-            raw.close()
-        if not rows:
-            return Applied(0, None, 0)
-        last = tuple(rows[-1][: self._width])
-        params: dict[str, Any] = {f"backfill_last_{i}": v for i, v in enumerate(last)}
-        update, check = self._update_first, self._check_first
-        if cursor is not None:
-            params.update({f"backfill_after_{i}": v for i, v in enumerate(cursor)})
-            update, check = self._update_after, self._check_after
-        try:
-            if check is not None:
-                outside = conn.execute(check, params).first()
+            try:
+                raw.execute(statement.sql, statement.params(cursor or ()))
+                rows = raw.fetchall()
+            except sqlite3.OperationalError as error:
+                if "decode" not in str(error):
+                    raise
+                raise Rejected(name, "a row holds TEXT that is not valid UTF-8") from error
+            if not rows:
+                return Prepared(0, None)
+            last = tuple(rows[-1][: self._width])
+            if self._checks is not None:
+                check = self._checks[cursor is not None]
+                raw.execute(check.sql, check.params(last + (cursor or ())))
+                outside = raw.fetchone()
                 if outside is not None:
                     row = row_id(tuple(outside))
                     raise Rejected(name, f"row {row!r} is outside the guard of its SQL")
+        finally:
+            raw.close()
+        return Prepared(len(rows), last)
+
+    def apply(
+        self,
+        conn: sa.Connection,
+        cursor: Key | None,
+        limit: int,
+        prepared: Prepared | None = None,
+    ) -> Applied:
+        """Update the rows of the next batch after `cursor` that the migration changes, inside
+        the batch's transaction: the batch is `prepared` (ahead), or prepared here. Rejected,
+        before anything is written, when a row of the batch is outside what the SQL handles
+        faithfully, or when the database refuses the UPDATE on this batch's data."""
+        if prepared is None:
+            prepared = self.prepare(conn, cursor, limit)
+        last = prepared.last_key
+        if last is None:
+            return Applied(0, None, 0)
+        params: dict[str, Any] = {f"backfill_last_{i}": v for i, v in enumerate(last)}
+        update = self._update_first
+        if cursor is not None:
+            params.update({f"backfill_after_{i}": v for i, v in enumerate(cursor)})
+            update = self._update_after
+        try:
             result = conn.execute(update, params)
         except (sa.exc.DataError, sa.exc.IntegrityError) as error:
-            raise Rejected.refused(name, error) from error
+            raise Rejected.refused(self.migration.name, error) from error
         except sa.exc.OperationalError as error:
             # SQLite reports a SQL function's error (a JSON function given a blob, malformed
             # JSON) as SQLITE_ERROR; busy, I/O and full-disk errors have codes of their own.
             if getattr(error.orig, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
                 raise
-            raise Rejected.refused(name, error) from error
-        return Applied(len(rows), last, max(result.rowcount, 0))
+            raise Rejected.refused(self.migration.name, error) from error
+        return Applied(prepared.rows, last, max(result.rowcount, 0))
 
 
 def _as_given(name: str) -> sa.ColumnElement[Any]:

@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
+from backfill.ahead import Ahead
 from backfill.batch import OnError, Outcome, decide
 from backfill.definition import Context, Form, Migration
 from backfill.errors import LeaseLost, RowFailed
@@ -299,32 +300,6 @@ class Batches:
             return Ahead(cursor, snapshot, in_database.prepare(self._reader, cursor, self.size))
         except Exception:  # noqa: BLE001 - Rejected, say: the transaction prepares it again
             return None
-
-
-Work = TypeVar("Work")
-
-
-@dataclass(frozen=True)
-class Ahead(Generic[Work]):
-    """Work on the next batch done outside any transaction, on the reader connection, while the
-    current batch commits (its rows read and decided, on the Python path) or runs its UPDATE
-    (its rows prepared, on the SQL path).
-
-    It may stand for that work inside the next transaction only when nothing can have changed
-    its rows in between: same cursor, and the store's snapshot token unchanged (no other
-    connection committed since the current transaction took the write lock; the current batch
-    writes other rows).
-    """
-
-    cursor: Key | None
-    snapshot: Snapshot
-    work: Work | None = None
-
-    def take(self, cursor: Key | None, snapshot: Snapshot | None) -> Work | None:
-        """The work to use in the transaction that sees `snapshot`; None: do it again."""
-        if snapshot is None or snapshot != self.snapshot or cursor != self.cursor:
-            return None
-        return self.work
 
 
 class _Progress:

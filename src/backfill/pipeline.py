@@ -205,7 +205,7 @@ class Batches:
                     preparing = self._helper.submit(
                         self._prepare_ahead, in_database, prepared.last_key, snapshot
                     )
-                applied = in_database.apply(conn, progress.cursor, self.size, prepared)
+                applied = in_database.apply(conn, progress.cursor, prepared)
                 outcome = Outcome(
                     applied.processed,
                     last_key=applied.last_key,

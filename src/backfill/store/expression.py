@@ -174,19 +174,10 @@ class SqlBatch:
             raw.close()
         return Prepared(len(rows), last)
 
-    def apply(
-        self,
-        conn: sa.Connection,
-        cursor: Key | None,
-        limit: int,
-        prepared: Prepared | None = None,
-    ) -> Applied:
-        """Update the rows of the next batch after `cursor` that the migration changes, inside
-        the batch's transaction: the batch is `prepared` (ahead), or prepared here. Rejected,
-        before anything is written, when a row of the batch is outside what the SQL handles
-        faithfully, or when the database refuses the UPDATE on this batch's data."""
-        if prepared is None:
-            prepared = self.prepare(conn, cursor, limit)
+    def apply(self, conn: sa.Connection, cursor: Key | None, prepared: Prepared) -> Applied:
+        """Update the rows of the `prepared` batch after `cursor` that the migration changes,
+        inside the batch's transaction. Rejected, with nothing written, when the database
+        refuses the UPDATE on this batch's data."""
         last = prepared.last_key
         if last is None:
             return Applied(0, None, 0)

@@ -17,10 +17,11 @@ demo: setup
 	$(BIN)/backfill demo --yes
 
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 bench: setup

@@ -5,6 +5,9 @@
 #   ./scripts/production-migration.sh --prod     # production: checklist and confirmations first
 #
 # Other options are passed to every backfill command (e.g. --database-url URL, --app M:A).
+# The app (the flagship's body_to_parts and cleanup_legacy_fields) is found as by backfill
+# itself: --app, else BACKFILL_APP, else [tool.backfill] app in ./pyproject.toml, as in this
+# repository's; with none, the first command says so and the script stops (exit 2).
 # Answers are read from standard input, so the script can also be driven by a pipe.
 set -euo pipefail
 

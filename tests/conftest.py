@@ -102,9 +102,11 @@ def runner(db: Database) -> Runner:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: the flagship app (BACKFILL_APP; `extra` may override
+    it), no database URL from the caller's environment, the test apps importable."""
     env = dict(os.environ)
     env.pop("BACKFILL_DATABASE_URL", None)
-    env.pop("BACKFILL_APP", None)
+    env["BACKFILL_APP"] = "chat_migrations:migrations"
     # Test apps (tests/apps) are importable by the subprocess, as a user's own module would be.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     env.update(extra)

@@ -16,11 +16,16 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_nothing_configured_means_the_flagship_on_a_local_sqlite_file(tmp_path: Path) -> None:
+def test_nothing_configured_means_no_app_and_a_local_sqlite_file(tmp_path: Path) -> None:
     settings = resolve(directory=tmp_path)
-    assert settings.app == "chat_migrations:migrations"
+    assert settings.app is None
     assert settings.database_url == DEFAULT_DEV_URL == "sqlite:///backfill-dev.db"
     assert settings.environment == "dev" and not settings.is_production
+    with pytest.raises(ConfigError) as raised:
+        settings.required_app()
+    for way in ("--app", "BACKFILL_APP", "[tool.backfill]", "app = "):
+        assert way in str(raised.value)
+    assert resolve(app="flag:m", directory=tmp_path).required_app() == "flag:m"
 
 
 def test_pyproject_environments_with_variables(tmp_path: Path, monkeypatch) -> None:

@@ -1,10 +1,11 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
-from backfill.batch import OnError
+from backfill.batch import OnError, Sample
 from backfill.definition import (
     DELETE,
     Context,
     Existing,
+    Form,
     Keep,
     Migration,
     Prerequisite,
@@ -24,23 +25,24 @@ from backfill.errors import (
     SchemaMismatch,
     UnknownMigration,
 )
-from backfill.progress import MigrationStatus
+from backfill.progress import MigrationStatus, RowError
 from backfill.registry import Migrations
-from backfill.retry import RetryPolicy
+from backfill.retry import RetriesExhausted, RetryPolicy, Transient
 from backfill.runner import DryRun, Runner, RunResult, Verification
 from backfill.state import State
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
 
 __all__ = [
-    "DELETE",
     "BackfillError",
     "BadValue",
     "ConfigError",
     "Context",
+    "DELETE",
     "DatabaseUnavailable",
     "DryRun",
     "Existing",
+    "Form",
     "GateClosed",
     "Keep",
     "LeaseHeld",
@@ -53,14 +55,18 @@ __all__ = [
     "OnError",
     "Prerequisite",
     "Refused",
+    "RetriesExhausted",
     "RetryPolicy",
     "Row",
+    "RowError",
     "RowFailed",
     "RunResult",
     "Runner",
+    "Sample",
     "SchemaMismatch",
     "SqlChange",
     "State",
+    "Transient",
     "UnknownMigration",
     "Verification",
 ]

@@ -3,7 +3,8 @@
 Resolution order (the contract): `--app`, then `BACKFILL_APP`, then `app` under `[tool.backfill]`
 in ./pyproject.toml or in ./backfill.toml. The database: `--database-url`, then
 `BACKFILL_DATABASE_URL`, then the selected environment's `database_url`; dev defaults to
-`sqlite:///backfill-dev.db`. Values may name environment variables as `${VAR}`.
+`sqlite:///backfill-dev.db`. Values may name environment variables as `${VAR}`. The app has no
+default: a command that needs one and finds none says how to name it (`demo` needs none).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sqlalchemy as sa
 
 from backfill.errors import ConfigError
 
-DEFAULT_APP = "chat_migrations:migrations"
 DEFAULT_DEV_URL = "sqlite:///backfill-dev.db"
 PRODUCTION = "prod"
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -58,13 +58,24 @@ def _expand(value: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    app: str
+    app: str | None  # None: nothing configured
     environment: str
     database_url: str
 
     @property
     def is_production(self) -> bool:
         return self.environment == PRODUCTION
+
+    def required_app(self) -> str:
+        """The app's `module:attribute`, or a ConfigError saying how to name one."""
+        if self.app is None:
+            raise ConfigError(
+                "no app is configured: name the registry of migrations with "
+                "--app module:attribute, the BACKFILL_APP environment variable, or "
+                'app = "module:attribute" under [tool.backfill] in ./pyproject.toml '
+                "(or in ./backfill.toml); the demo's is chat_migrations:migrations"
+            )
+        return self.app
 
 
 def resolve(
@@ -75,7 +86,7 @@ def resolve(
     directory: Path | None = None,
 ) -> Settings:
     settings = _read_settings(directory or Path.cwd())
-    chosen_app = app or os.environ.get("BACKFILL_APP") or settings.get("app") or DEFAULT_APP
+    chosen_app = app or os.environ.get("BACKFILL_APP") or settings.get("app") or None
     env_name = environment or os.environ.get("BACKFILL_ENV") or "dev"
     environments: dict[str, Any] = settings.get("environments", {})
     url = database_url or os.environ.get("BACKFILL_DATABASE_URL")

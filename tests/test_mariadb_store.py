@@ -161,10 +161,15 @@ def test_a_compare_and_set_that_changes_nothing_still_counts_its_row(mariadb_url
     db = Database(mariadb_url)
     db.ensure_schema()
     with db.write() as conn:
-        records.create(conn, "m")
+        records.ensure_record(conn, "m")
+    with db.write() as conn:  # the state it already has
+        records.transition(conn, "m", at_generation=0, source=State.PENDING, target=State.PENDING)
     with db.write() as conn:
-        assert records.update(conn, "m", 0, state="pending")  # the value it already has
-        assert not records.update(conn, "m", 1, state="pending")  # another generation
+        records.transition(
+            conn, "m", at_generation=0, source=State.PENDING, target=State.IN_PROGRESS
+        )
+        assert records.update_live(conn, "m", 0, cancel_requested=False)  # the value it has
+        assert not records.update_live(conn, "m", 1, cancel_requested=False)  # another one
     ledger = records.Ledger(db.engine.dialect, "m", 0)
     with db.write() as conn:
         assert ledger.advance(conn, {"processed": 0, "changed": 0})
@@ -192,7 +197,7 @@ def test_engine_tables_bound_the_skipped_row_key_for_the_unique_constraint(maria
         records.record_skipped(conn, "m", skipped[:1], 2.0)  # replaces, never duplicates
     with db.read() as conn:
         assert len(records.skipped_rows(conn, "m")) == 3
-    assert tables.SCHEMA_VERSION == 1
+    assert tables.SCHEMA_VERSION == 2
     db.dispose()
 
 

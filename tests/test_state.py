@@ -6,7 +6,15 @@ import itertools
 
 import pytest
 
-from backfill.state import TRANSITIONS, State, TransitionRefused, allowed, check, sources_of
+from backfill.state import (
+    TRANSITIONS,
+    State,
+    TransitionRefused,
+    allowed,
+    check,
+    sources_of,
+    stored,
+)
 
 EXPECTED = {
     (State.PENDING, State.IN_PROGRESS),
@@ -39,9 +47,10 @@ def test_each_pair_is_allowed_exactly_when_it_is_an_edge(source: State, target: 
             check(source, target)
 
 
-def test_only_success_is_completed_and_only_in_progress_is_live() -> None:
+def test_only_success_is_completed_and_interrupted_is_stored_in_progress() -> None:
     assert [s for s in State if s.completed] == [State.SUCCESS]
-    assert [s for s in State if s.live] == [State.IN_PROGRESS]
+    assert {stored(s) for s in State} == set(State) - {State.INTERRUPTED}
+    assert stored(State.INTERRUPTED) is State.IN_PROGRESS
     assert sources_of(State.IN_PROGRESS) == {
         State.PENDING,
         State.INTERRUPTED,

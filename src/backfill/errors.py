@@ -54,7 +54,17 @@ class LeaseHeld(Refused):
 
 
 class LeaseLost(BackfillError):
+    """Raised by a runner's batch, heartbeat or end when another runner took the migration over
+    (a newer generation): this runner commits nothing more."""
+
     exit_code = 2
+
+    def __init__(self, migration: str) -> None:
+        super().__init__(
+            f"migration {migration!r}: this runner lost its lease to another runner; "
+            "it committed nothing more"
+        )
+        self.migration = migration
 
 
 class DatabaseUnavailable(BackfillError):

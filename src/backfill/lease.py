@@ -13,9 +13,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from backfill import state as machine
 from backfill.errors import LeaseHeld
 from backfill.pacing import Clock
+from backfill.retry import number_from_env
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
@@ -25,7 +25,8 @@ DEFAULT_LEASE_SECONDS = 30.0
 
 
 def lease_seconds() -> float:
-    return float(os.environ.get("BACKFILL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+    """`BACKFILL_LEASE_SECONDS`: a bad value is a ConfigError (exit 2), as for the others."""
+    return number_from_env("BACKFILL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -96,35 +97,38 @@ def enter(
     total: int | None,
     batch_size: int,
     total_is_estimate: bool = False,
-) -> tuple[int, Record] | None:
-    """Claim the migration for this runner. None when it already succeeded and no restart."""
-    refuse_if_held(db, name, now=now, lease=lease, me=me)
-    with db.write() as conn:
-        record = records.load(conn, name) or records.create(conn, name)
+) -> Record | None:
+    """Claim the migration for this runner, in one transaction: a new generation and a new run
+    (its `run_id`). The claimed record, or None when it already succeeded and no restart.
+    Two claimants at the same instant: one wins the compare-and-set of `records.transition`,
+    the other gets LeaseHeld naming it, and its transaction leaves nothing behind."""
+
+    def refuse_if_taken() -> None:
+        refuse_if_held(db, name, now=now, lease=lease, me=me)
+
+    refuse_if_taken()
+    with db.write(meanwhile=refuse_if_taken) as conn:
+        record = records.ensure_record(conn, name)
         observed = observed_state(record, now, lease, me)
         refuse_if_live(name, record, observed)
         if observed is State.SUCCESS and not restart:
             return None
-        machine.check(observed, State.IN_PROGRESS)
         fresh = restart or observed is State.PENDING or record.cursor is None
         values: dict[str, object] = {}
         if fresh:
-            records.forget_skipped(conn, name)
             values.update(
                 cursor=None, processed=0, changed=0, skipped_errors=0, kept=0, started_at=now
             )
-        processed = 0 if fresh else record["processed"]
-        generation = record.generation + 1
         values.update(
-            state=str(State.IN_PROGRESS),
             scan=scan,
-            generation=generation,
+            generation=record.generation + 1,
+            run_id=records.start_run(conn, name, now, me.host, me.pid),
             runner_host=me.host,
             runner_pid=me.pid,
             heartbeat_at=now,
             updated_at=now,
             run_started_at=now,
-            run_processed_start=processed,
+            run_processed_start=0 if fresh else record["processed"],
             finished_at=None,
             cancel_requested=False,
             error_message=None,
@@ -135,23 +139,33 @@ def enter(
             total_is_estimate=total_is_estimate,
             batch_size=batch_size,
         )
-        records.update(conn, name, record.generation, **values)
+        records.transition(
+            conn,
+            name,
+            at_generation=record.generation,
+            source=observed,
+            target=State.IN_PROGRESS,
+            **values,
+        )
+        if fresh:
+            records.forget_skipped(conn, name)
         claimed = records.load(conn, name)
         assert claimed is not None
-        return generation, claimed
+        return claimed
 
 
 def leave(
     db: Database, name: str, generation: int, target: State, now: float, **values: object
-) -> bool:
-    """Record the end of a run (success, failed, canceled), if this runner still owns it."""
-    machine.check(State.IN_PROGRESS, target)
+) -> None:
+    """Record the end of a run (success, failed, canceled); LeaseLost if this runner no longer
+    owns it."""
     with db.write() as conn:
-        return records.update(
+        records.transition(
             conn,
             name,
-            generation,
-            state=str(target),
+            at_generation=generation,
+            source=State.IN_PROGRESS,
+            target=target,
             finished_at=now,
             updated_at=now,
             heartbeat_at=None,
@@ -184,7 +198,7 @@ class Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 with self._db.write() as conn:
-                    owned = records.update(
+                    owned = records.update_live(
                         conn, self._name, self._generation, heartbeat_at=self._clock()
                     )
             except Exception:  # noqa: BLE001 - a missed beat is retried; the lease absorbs it

@@ -188,7 +188,7 @@ class Batches:
         try:
             owned, cancel_requested = self.ledger.check(conn)
             if not owned:
-                raise lease_lost(name)
+                raise LeaseLost(name)
             if cancel_requested:
                 transaction.rollback()
                 return None
@@ -226,9 +226,17 @@ class Batches:
             values.update(updated_at=now, heartbeat_at=now)
             done = outcome.processed < self.size
             if done:
-                values.update(state=str(State.SUCCESS), finished_at=now, heartbeat_at=None)
-            if not self.ledger.advance(conn, values):
-                raise lease_lost(name)
+                values.update(finished_at=now, heartbeat_at=None)
+                records.transition(
+                    conn,
+                    name,
+                    at_generation=self.ledger.generation,
+                    source=State.IN_PROGRESS,
+                    target=State.SUCCESS,
+                    **values,
+                )
+            elif not self.ledger.advance(conn, values):
+                raise LeaseLost(name)
             # No read-ahead where batches are decided in the database: a batch done in Python
             # (rejected by the SQL) must not pull the next one out of the SQL path.
             ahead_useful = self.in_database is None and not self.decider.needs_transaction
@@ -275,7 +283,7 @@ class Batches:
         with self._conn.begin():
             record = records.load(self._conn, self.migration.name)
         if record is None or record.generation != self.ledger.generation:
-            raise lease_lost(self.migration.name)
+            raise LeaseLost(self.migration.name)
         self.progress = _Progress(record)
 
     def _read_ahead(self, cursor: Key | None, snapshot: Snapshot) -> Ahead[Outcome] | None:
@@ -360,10 +368,3 @@ def _interpreter_tuned() -> Iterator[None]:
         sys.setswitchinterval(interval)
         if freeze:
             gc.unfreeze()
-
-
-def lease_lost(name: str) -> LeaseLost:
-    return LeaseLost(
-        f"migration {name!r}: this runner lost its lease to another runner; "
-        "it committed nothing more"
-    )

@@ -23,7 +23,7 @@ from backfill.definition import Migration
 from backfill.dry_run import DryRun, rehearse
 from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
 from backfill.pacing import Clock, wall_clock
-from backfill.pipeline import Batches, lease_lost
+from backfill.pipeline import Batches
 from backfill.progress import MigrationStatus
 from backfill.registry import Migrations
 from backfill.state import State
@@ -89,6 +89,13 @@ class Runner:
     def _observed(self, record: records.Record | None) -> State:
         return leases.observed_state(record, self.clock(), self.lease_seconds, self.me)
 
+    def _ensure_schema(self) -> None:
+        """backfill's tables, created or upgraded (refused while a live run holds a lease)."""
+        self.db.ensure_schema(
+            wait=self.lease_seconds,
+            holds_lease=lambda row: self._observed(records.Record(row)) is State.IN_PROGRESS,
+        )
+
     def status(self, names: Sequence[str] = ()) -> dict[str, MigrationStatus]:
         wanted = [self.migrations[n].name for n in names] or self.migrations.names()
         # Reading creates nothing: without the engine's tables every migration is pending.
@@ -115,7 +122,7 @@ class Runner:
     def cancel(self, name: str) -> bool:
         """Ask a live run to stop after its current batch. False: no live run, nothing changed."""
         self.migrations[name]
-        self.db.ensure_schema()
+        self._ensure_schema()
         # No live run: say so at once, without waiting for the write lock a runner may hold.
         with self.db.unavailable_as_error(), self.db.read() as conn:
             if self._observed(records.load(conn, name)) is not State.IN_PROGRESS:
@@ -124,49 +131,37 @@ class Runner:
             record = records.load(conn, name)
             if self._observed(record) is not State.IN_PROGRESS or record is None:
                 return False
-            return records.update(conn, name, record.generation, cancel_requested=True)
+            return records.update_live(conn, name, record.generation, cancel_requested=True)
 
     def reset(self, name: str) -> MigrationStatus:
-        """Forget progress so the next run starts from the beginning."""
+        """Forget progress so the next run starts from the beginning. Refused (LeaseHeld) while
+        a live run holds the migration, even one that claimed it at this very moment: then
+        nothing is forgotten, not even its skipped rows."""
         self.migrations[name]
-        self.db.ensure_schema()
-        with self.db.unavailable_as_error():
-            # A live run is refused at once, without waiting for the write lock it may hold.
+        self._ensure_schema()
+
+        def refuse_if_held() -> None:
             leases.refuse_if_held(
                 self.db, name, now=self.clock(), lease=self.lease_seconds, me=self.me
             )
-        with self.db.unavailable_as_error(), self.db.write() as conn:
+
+        with self.db.unavailable_as_error():
+            # A live run is refused at once, without waiting for the write lock it may hold.
+            refuse_if_held()
+        with self.db.unavailable_as_error(), self.db.write(meanwhile=refuse_if_held) as conn:
             record = records.load(conn, name)
             if record is not None:
                 observed = self._observed(record)
                 leases.refuse_if_live(name, record, observed)
-                records.forget_skipped(conn, name)
-                # The generation is kept, so a zombie of the forgotten run still cannot commit.
-                records.update(
+                records.transition(
                     conn,
                     name,
-                    record.generation,
-                    state=str(State.PENDING),
-                    cursor=None,
-                    processed=0,
-                    changed=0,
-                    skipped_errors=0,
-                    kept=0,
-                    total=None,
-                    started_at=None,
-                    updated_at=self.clock(),
-                    finished_at=None,
-                    run_started_at=None,
-                    run_processed_start=0,
-                    runner_host=None,
-                    runner_pid=None,
-                    heartbeat_at=None,
-                    cancel_requested=False,
-                    error_message=None,
-                    error_type=None,
-                    error_row_id=None,
-                    error_field=None,
+                    at_generation=record.generation,
+                    source=observed,
+                    target=State.PENDING,
+                    **records.forgotten_progress(self.clock()),
                 )
+                records.forget_skipped(conn, name)
         return self.status([name])[name]
 
     # -- read-only scans ----------------------------------------------------------------------
@@ -206,7 +201,7 @@ class Runner:
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch size must be at least 1")
         if not dry_run:  # a dry run persists nothing, not even the engine's tables
-            self.db.ensure_schema()
+            self._ensure_schema()
         results = []
         for migration in chosen:
             with self.db.unavailable_as_error():
@@ -291,13 +286,13 @@ class Runner:
         )
         if claimed is None:
             return RunResult(name, self.status([name])[name], already_done=True)
-        generation, record = claimed
+        generation = claimed.generation
         interval = max(self.lease_seconds / 3, 0.05)
         with (
             leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
             StopSignals() as signals,
             Batches(
-                self.db, migration, generation, record, size, policy, self.clock, sql=sql
+                self.db, migration, generation, claimed, size, policy, self.clock, sql=sql
             ) as batches,
         ):
             return self._loop(name, generation, batches, pause, listener, heartbeat, signals)
@@ -332,7 +327,7 @@ class Runner:
     ) -> RunResult:
         while True:
             if heartbeat.lost.is_set():
-                raise lease_lost(name)
+                raise LeaseLost(name)
             if signals.received is not None:
                 return self._finish(name, generation, State.CANCELED)
             try:
@@ -373,10 +368,7 @@ class Runner:
                 time.sleep(pause)
 
     def _finish(self, name: str, generation: int, target: State, **values: Any) -> RunResult:
-        if not leases.leave(self.db, name, generation, target, self.clock(), **values):
-            raise LeaseLost(
-                f"migration {name!r}: this runner lost its lease before it could record {target}"
-            )
+        leases.leave(self.db, name, generation, target, self.clock(), **values)
         return RunResult(name, self.status([name])[name])
 
 

@@ -1,7 +1,8 @@
 """The status machine of a migration: its states and every allowed transition, in one table.
 
-`interrupted` is never stored: it is what a stored `inProgress` is called once its runner is gone.
-This module imports nothing of ours and knows no database.
+`interrupted` is never stored: it is what a stored `inProgress` is called once its runner is gone
+(`backfill.lease.observed_state` derives it). The table is enforced on every write of a state by
+`backfill.store.records.transition`. This module imports nothing of ours and knows no database.
 """
 
 from __future__ import annotations
@@ -20,15 +21,6 @@ class State(StrEnum):
     @property
     def completed(self) -> bool:
         return self is State.SUCCESS
-
-    @property
-    def resumable(self) -> bool:
-        """A `run` continues from the cursor (no restart needed)."""
-        return self in RESUMABLE
-
-    @property
-    def live(self) -> bool:
-        return self is State.IN_PROGRESS
 
 
 # (from, to): when it happens.
@@ -55,10 +47,6 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.PENDING, State.PENDING): "reset of a migration never run changes nothing",
 }
 
-RESUMABLE = frozenset(
-    {State.PENDING, State.INTERRUPTED, State.FAILED, State.CANCELED},
-)
-
 
 def allowed(source: State, target: State) -> bool:
     return (source, target) in TRANSITIONS
@@ -69,7 +57,15 @@ def sources_of(target: State) -> frozenset[State]:
     return frozenset(src for (src, dst) in TRANSITIONS if dst is target)
 
 
+def stored(state: State) -> State:
+    """How `state` is stored: a derived `interrupted` is a stored `inProgress`."""
+    return State.IN_PROGRESS if state is State.INTERRUPTED else state
+
+
 class TransitionRefused(Exception):
+    """A state change the table does not allow; raised by `check`. A bug of ours if it ever
+    reaches a user: every command checks the observed state before it asks for a change."""
+
     def __init__(self, source: State, target: State) -> None:
         super().__init__(f"cannot go from {source} to {target}")
         self.source = source

@@ -100,13 +100,21 @@ class Globals:
         )
 
     def migrations(self) -> Migrations:
-        app = config.load_app(self.settings.app)
+        reference = self.settings.required_app()
+        app = config.load_app(reference)
         if not isinstance(app, Migrations):
-            raise ConfigError(f"app {self.settings.app!r} is not a backfill Migrations registry")
+            raise ConfigError(f"app {reference!r} is not a backfill Migrations registry")
         return app
 
     def runner(self, migrations: Migrations | None = None) -> Runner:
-        return Runner(self.settings.database_url, migrations or self.migrations())
+        """A Runner over the configured app, or over `migrations` (demo's flagship) if given."""
+        if migrations is None:
+            migrations = self.migrations()
+        runner = Runner(self.settings.database_url, migrations)
+        context = click.get_current_context(silent=True)
+        if context is not None:  # the command's connections close when it ends
+            context.call_on_close(runner.db.dispose)
+        return runner
 
 
 def current() -> Globals:

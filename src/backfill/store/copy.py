@@ -5,7 +5,7 @@ transaction this module reads the target rows with the same keys (locked where t
 locks), keeps in the batch's outcome only the rows to insert (or, with `existing="update"`, to
 update because they differ), and writes them with an INSERT that ignores a key the application
 inserted meanwhile. So a resumed or restarted copy never duplicates a row, and the source is
-never written. Dialect differences (the conflict clause, locking) stay here.
+never written.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from backfill.definition import Existing, Migration
-from backfill.store.database import JSON_AS_TEXT, LOCKING, MYSQL, driver
+from backfill.store.database import driver
+from backfill.store.dialects import JSON_AS_TEXT, LOCKING, insert_ignoring_conflicts
 from backfill.store.records import Key
 from backfill.store.statement import Statement
 from backfill.store.values import Writes, decode_json, is_json
@@ -155,23 +155,12 @@ class CopyTarget:
                 self.table.c[n]: sa.bindparam(p) for n, p in zip(names, params, strict=True)
             }
             cached = Statement.compile(
-                self._insert_ignoring_conflicts(values), self.dialect, params
+                insert_ignoring_conflicts(self.dialect, self.table, values, self.key[0]),
+                self.dialect,
+                params,
             )
             self._inserts[names] = cached
         return cached
-
-    def _insert_ignoring_conflicts(self, values: dict[sa.Column[Any], Any]) -> sa.Insert:
-        """INSERT that leaves alone a key inserted meanwhile (by the app): the target's row
-        stands, as with existing="keep"."""
-        name = self.dialect.name
-        if name == "postgresql":
-            return postgresql.insert(self.table).values(values).on_conflict_do_nothing()
-        if name == "sqlite":
-            return sqlite.insert(self.table).values(values).on_conflict_do_nothing()
-        if name in MYSQL:
-            first = self.key[0]
-            return mysql.insert(self.table).values(values).on_duplicate_key_update({first: first})
-        return sa.insert(self.table).values(values)
 
     def _update_statement(self, names: tuple[str, ...]) -> Statement:
         cached = self._updates.get(names)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,20 +18,15 @@ from sqlalchemy import event
 
 from backfill import retry
 from backfill.config import redact_url
-from backfill.errors import DatabaseUnavailable
+from backfill.errors import ConfigError, DatabaseUnavailable
+from backfill.store.dialects import MYSQL, READ_ONLY
+from backfill.store.locks import SQLITE_BUSY_TIMEOUT_MS, sqlite_write_lock
 from backfill.store.tables import ensure_schema
 
-_READ_ONLY = "backfill_read_only"
 _SESSION_LIMITS = "backfill_session_limits"  # a pooled MySQL connection still has a batch's limits
-MYSQL = frozenset({"mysql", "mariadb"})  # SQLAlchemy's names: mysql+pymysql, mariadb+pymysql
-# Dialects whose batches lock the rows they read (SELECT ... FOR UPDATE); SQLite locks the file.
-LOCKING = frozenset({"postgresql"}) | MYSQL
-# Dialects whose driver hands JSON columns back as text, for backfill to decode.
-JSON_AS_TEXT = frozenset({"sqlite"}) | MYSQL
 # What "no limit" means for innodb_lock_wait_timeout: MariaDB's largest (about 3 years; MySQL's
 # is larger).
 _MYSQL_NO_LOCK_TIMEOUT = 100_000_000
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 DEFAULT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 60.0
 DEFAULT_ESTIMATE_ABOVE = 5_000_000
@@ -45,12 +40,15 @@ def application_name(pid: int | None = None) -> str:
 
 def _create_engine(url: str | sa.URL) -> sa.Engine:
     url = sa.make_url(url)
-    if url.get_backend_name() == "sqlite":
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
-        _configure_sqlite(engine)
-        return engine
-    connect_args = {}
+    connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        connect_args["check_same_thread"] = False
+    else:
+        # Positional parameters, so the hot statements compiled once take plain tuples
+        # (scan.py). pool_pre_ping: a pooled connection that died (server restart,
+        # pg_terminate_backend) is replaced on checkout instead of failing the next statement.
+        options.update(pool_pre_ping=True, paramstyle="format")
     if url.get_backend_name() == "postgresql" and "application_name" not in url.query:
         connect_args["application_name"] = application_name()
     if url.get_backend_name() in MYSQL:
@@ -59,12 +57,27 @@ def _create_engine(url: str | sa.URL) -> sa.Engine:
         # PostgreSQL's default: a batch's FOR UPDATE locks the rows it read, not the gaps
         # between them (REPEATABLE READ's next-key locks would hold up the app's inserts).
         options["isolation_level"] = "READ COMMITTED"
-    # Positional parameters, so the hot statements compiled once take plain tuples (scan.py).
-    # pool_pre_ping: a pooled connection that died (server restart, pg_terminate_backend) is
-    # replaced on checkout instead of failing the next statement.
-    return sa.create_engine(
-        url, pool_pre_ping=True, paramstyle="format", connect_args=connect_args, **options
-    )
+    try:
+        # SQLAlchemy imports the dialect's driver (the DBAPI module) here, not at connect time.
+        engine = sa.create_engine(url, connect_args=connect_args, **options)
+    except sa.exc.NoSuchModuleError as error:
+        raise ConfigError(
+            f"the database URL {redact_url(url)} names a dialect SQLAlchemy does not know: "
+            f"{url.drivername!r}"
+        ) from error
+    except ImportError as error:
+        module = (error.name or url.get_driver_name()).partition(".")[0]
+        extra = {"psycopg": "postgresql", "pymysql": "mysql"}.get(module)
+        problem = (
+            "is not installed" if isinstance(error, ModuleNotFoundError) else "fails to import"
+        )
+        raise ConfigError(
+            f"the database URL {redact_url(url)} needs the driver {module}, which {problem}"
+            + (f": pip install 'backfill[{extra}]'" if extra else "")
+        ) from error
+    if url.get_backend_name() == "sqlite":
+        _configure_sqlite(engine)
+    return engine
 
 
 def _seconds(variable: str, default: float) -> float:
@@ -157,8 +170,12 @@ def _configure_sqlite(engine: sa.Engine) -> None:
     def on_begin(conn: sa.Connection) -> None:
         # A writing transaction takes the write lock up front, so it never fails half-way on
         # "database is locked" when upgrading from a read lock.
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _stored_in_progress(row: Mapping[str, Any]) -> bool:
+    return bool(row["state"] == "inProgress")
 
 
 class Database:
@@ -183,15 +200,30 @@ class Database:
             detail = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
             raise DatabaseUnavailable(f"database {self.display_url}: {detail}") from error
 
-    def ensure_schema(self) -> None:
+    def ensure_schema(
+        self,
+        *,
+        wait: float = 30.0,
+        holds_lease: Callable[[Mapping[str, Any]], bool] = _stored_in_progress,
+    ) -> None:
+        """backfill's tables in the current layout (store.tables.ensure_schema), once per
+        Database. The Runner says which runs are live; by default any stored `inProgress`
+        holds its lease (an upgrade then waits even for a dead runner's migration)."""
         if not self._schema_ready:
             with self.unavailable_as_error():
-                ensure_schema(self.engine)
+                ensure_schema(self.engine, wait=wait, holds_lease=holds_lease)
             self._schema_ready = True
 
     @contextmanager
-    def write(self) -> Iterator[sa.Connection]:
-        """One transaction that may write; commits when the block ends without raising."""
+    def write(self, *, meanwhile: Callable[[], None] | None = None) -> Iterator[sa.Connection]:
+        """One transaction that may write; commits when the block ends without raising. On
+        SQLite, with `meanwhile`, the write lock is waited for in short tries with `meanwhile()`
+        between them (store.locks.sqlite_write_lock): a read that refuses at once, say, once a
+        runner holds what this transaction was going to claim."""
+        if meanwhile is not None and self.dialect == "sqlite":
+            with sqlite_write_lock(self.engine, meanwhile, SQLITE_BUSY_TIMEOUT_MS / 1000) as conn:
+                yield conn
+            return
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
@@ -200,7 +232,7 @@ class Database:
         """One transaction that reads; with `rollback`, whatever was written in it is undone
         (a migration function given the connection during verify may write)."""
         with self.engine.connect() as conn:
-            conn = conn.execution_options(**{_READ_ONLY: True})
+            conn = conn.execution_options(**{READ_ONLY: True})
             with conn.begin() as transaction:
                 yield conn
                 if rollback:

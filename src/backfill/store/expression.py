@@ -29,7 +29,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
-from backfill.store.database import LOCKING, driver
+from backfill.store.database import driver
+from backfill.store.dialects import LOCKING
 from backfill.store.records import Key, row_id
 from backfill.store.statement import Statement
 

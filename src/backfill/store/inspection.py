@@ -10,21 +10,30 @@ dialects.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 
 from backfill.definition import Migration
 from backfill.errors import SchemaMismatch
-from backfill.store.database import MYSQL
+from backfill.store.dialects import MYSQL, READ_ONLY
 
 _JSON_VALID = re.compile(r"json_valid\(\s*`((?:[^`]|``)+)`\s*\)", re.IGNORECASE)
 
 
+@contextmanager
+def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
+    # Read-only: on SQLite it takes no write lock, so a runner's batches never hold it up.
+    with engine.connect() as conn:
+        yield conn.execution_options(**{READ_ONLY: True})
+
+
 def reflect_table(engine: sa.Engine, name: str, schema: str | None) -> sa.Table:
     try:
-        table = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
+        with _reading(engine) as conn:
+            table = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=conn)
     except sa.exc.NoSuchTableError:
         raise SchemaMismatch(f"table {name!r} does not exist in the database") from None
     if engine.dialect.name in MYSQL:
@@ -41,7 +50,7 @@ def _json_checked(engine: sa.Engine, name: str, schema: str | None) -> list[str]
         "SELECT check_clause FROM information_schema.check_constraints "
         "WHERE constraint_schema = COALESCE(:schema, DATABASE()) AND table_name = :name"
     )
-    with engine.connect() as conn:
+    with _reading(engine) as conn:
         clauses = conn.execute(query, {"schema": schema, "name": name}).scalars().all()
     return [c.replace("``", "`") for clause in clauses for c in _JSON_VALID.findall(clause or "")]
 
@@ -49,14 +58,15 @@ def _json_checked(engine: sa.Engine, name: str, schema: str | None) -> list[str]
 def check_table(engine: sa.Engine, migration: Migration) -> None:
     """Refuse, with one sentence, a migration whose tables, columns or key do not fit the
     database."""
-    inspector = sa.inspect(engine)
-    _check_columns(inspector, migration, migration.table, migration.read_columns, "")
-    if migration.target is not None:
-        _check_columns(
-            inspector, migration, migration.target, tuple(migration.target.columns), "target "
-        )
-    if migration.key_columns:
-        _check_unique_key(inspector, migration)
+    with _reading(engine) as conn:
+        inspector = sa.inspect(conn)
+        _check_columns(inspector, migration, migration.table, migration.read_columns, "")
+        if migration.target is not None:
+            _check_columns(
+                inspector, migration, migration.target, tuple(migration.target.columns), "target "
+            )
+        if migration.key_columns:
+            _check_unique_key(inspector, migration)
 
 
 def _check_columns(

@@ -1,4 +1,6 @@
-"""Reading and writing a migration's row in `_migrations` (dialect-neutral SQLAlchemy Core)."""
+"""Reading and writing a migration's row in `_migrations`: every write of its state goes through
+`transition`, which enforces the table of backfill.state with a compare-and-set; the owner's
+other writes (batches, heartbeats, a cancel request) through `update_live` and `Ledger`."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from backfill import state as machine
+from backfill.errors import LeaseHeld, LeaseLost, Refused
 from backfill.progress import MigrationStatus, RowError, Runner
 from backfill.state import State
 from backfill.store.database import driver
-from backfill.store.tables import migration_errors, migrations
+from backfill.store.dialects import insert_ignoring_conflicts
+from backfill.store.tables import migration_errors, migration_runs, migrations
 
 Key = tuple[Any, ...]
 
@@ -85,29 +90,126 @@ def tables_exist(conn: sa.Connection) -> bool:
     return sa.inspect(conn).has_table(migrations.name)
 
 
+def _select_rows() -> sa.Select[Any]:
+    # Every column there is: a read-only command also reads an older layout (a run of an older
+    # backfill may hold it, so it cannot be upgraded yet).
+    return sa.select(sa.text("*")).select_from(migrations)
+
+
 def load(conn: sa.Connection, name: str) -> Record | None:
-    row = conn.execute(sa.select(migrations).where(migrations.c.name == name)).mappings().first()
+    row = conn.execute(_select_rows().where(migrations.c.name == name)).mappings().first()
     return None if row is None else Record(dict(row))
 
 
 def load_all(conn: sa.Connection) -> dict[str, Record]:
-    rows = conn.execute(sa.select(migrations)).mappings()
+    rows = conn.execute(_select_rows()).mappings()
     return {row["name"]: Record(dict(row)) for row in rows}
 
 
-def create(conn: sa.Connection, name: str) -> Record:
-    conn.execute(sa.insert(migrations).values(name=name, state=str(State.PENDING)))
+def ensure_record(conn: sa.Connection, name: str) -> Record:
+    """The migration's row, created `pending` if it has none. Two processes creating it at the
+    same instant: the second waits for the first's transaction and keeps its row."""
+    values = {migrations.c.name: name, migrations.c.state: str(State.PENDING)}
+    conn.execute(insert_ignoring_conflicts(conn.dialect, migrations, values, migrations.c.name))
     record = load(conn, name)
     assert record is not None
     return record
 
 
-def update(conn: sa.Connection, name: str, owned_by: int | None, **values: Any) -> bool:
-    """Compare-and-set on the generation `owned_by`: False when another runner owns the row now."""
-    statement = sa.update(migrations).where(migrations.c.name == name)
-    if owned_by is not None:
-        statement = statement.where(migrations.c.generation == owned_by)
-    return conn.execute(statement.values(**values)).rowcount == 1
+def stored_sources(target: State) -> frozenset[State]:
+    """The stored states a transition into `target` may start from: those of the table, with
+    a derived `interrupted` stored as `inProgress`."""
+    return frozenset(machine.stored(source) for source in machine.sources_of(target))
+
+
+def transition(
+    conn: sa.Connection,
+    name: str,
+    *,
+    at_generation: int,
+    source: State,
+    target: State,
+    **values: Any,
+) -> None:
+    """The one write of a migration's state. Checks the transition table (`source` as observed,
+    so `interrupted` where the runner is gone), then compare-and-sets on the generation read or
+    held (`at_generation`) and on the stored states the table allows: a process overtaken since
+    it read the row writes nothing. On a miss (its transaction should roll back): LeaseLost for
+    the runner that held the migration (`source` inProgress), else LeaseHeld naming the runner
+    that got there first, or Refused when a reset did."""
+    machine.check(source, target)
+    allowed = sorted(str(s) for s in stored_sources(target))
+    statement = (
+        sa.update(migrations)
+        .where(migrations.c.name == name)
+        .where(migrations.c.generation == at_generation)
+        .where(migrations.c.state.in_(allowed))
+        .values(state=str(target), **values)
+    )
+    if conn.execute(statement).rowcount == 1:
+        return
+    if source is State.IN_PROGRESS:
+        raise LeaseLost(name)
+    now = load(conn, name)
+    if now is not None and now.state is State.IN_PROGRESS:
+        raise LeaseHeld(name, now["runner_host"], now["runner_pid"])
+    raise Refused(
+        f"migration {name!r} was changed by another command at the same moment (it is now "
+        f"{'gone' if now is None else now.state}); nothing was done: look at `backfill status "
+        f"{name}` and try again"
+    )
+
+
+def update_live(conn: sa.Connection, name: str, generation: int, **values: Any) -> bool:
+    """A write to the live run holding `generation` (a heartbeat, a cancel request), never to
+    its state: False when no run at that generation is in progress any more."""
+    assert "state" not in values, "state changes go through transition()"
+    statement = (
+        sa.update(migrations)
+        .where(migrations.c.name == name)
+        .where(migrations.c.generation == generation)
+        .where(migrations.c.state == str(State.IN_PROGRESS))
+        .values(**values)
+    )
+    return conn.execute(statement).rowcount == 1
+
+
+def forgotten_progress(now: float) -> dict[str, Any]:
+    """What `reset` leaves of a migration's row: no cursor, counters, times, runner or error.
+    The generation is kept, so a zombie of the forgotten run still cannot commit."""
+    return {
+        "cursor": None,
+        "processed": 0,
+        "changed": 0,
+        "skipped_errors": 0,
+        "kept": 0,
+        "total": None,
+        "started_at": None,
+        "updated_at": now,
+        "finished_at": None,
+        "run_started_at": None,
+        "run_processed_start": 0,
+        "runner_host": None,
+        "runner_pid": None,
+        "heartbeat_at": None,
+        "cancel_requested": False,
+        "error_message": None,
+        "error_type": None,
+        "error_row_id": None,
+        "error_field": None,
+    }
+
+
+def start_run(conn: sa.Connection, name: str, now: float, host: str, pid: int) -> int:
+    """A new row in `_migration_runs`; its id is the run's number."""
+    inserted = conn.execute(
+        sa.insert(migration_runs).values(
+            migration=name, started_at=now, runner_host=host, runner_pid=pid
+        )
+    )
+    key = inserted.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 class Ledger:
@@ -117,9 +219,9 @@ class Ledger:
 
     def __init__(self, dialect: sa.Dialect, name: str, generation: int) -> None:
         self.dialect, self.name, self.generation = dialect, name, generation
-        check = sa.select(migrations.c.generation, migrations.c.cancel_requested).where(
-            migrations.c.name == sa.bindparam("name")
-        )
+        check = sa.select(
+            migrations.c.generation, migrations.c.state, migrations.c.cancel_requested
+        ).where(migrations.c.name == sa.bindparam("name"))
         self._check = self._compile(check)
         self._advances: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
 
@@ -130,32 +232,44 @@ class Ledger:
         return compiled.string, tuple(compiled.positiontup or ())
 
     def check(self, conn: sa.Connection) -> tuple[bool, bool]:
-        """(still owned by this runner's generation, cancel requested)."""
+        """(still owned by this runner's generation and in progress, cancel requested)."""
         if self._check is None:
             record = load(conn, self.name)
-            found = None if record is None else (record.generation, record["cancel_requested"])
+            found = (
+                None
+                if record is None
+                else (record.generation, record["state"], record["cancel_requested"])
+            )
         else:
             found = _driver_one(conn, self._check[0], (self.name,))
-        if found is None or int(found[0]) != self.generation:
+        if found is None or int(found[0]) != self.generation or found[1] != State.IN_PROGRESS:
             return False, False
-        return True, bool(found[1])
+        return True, bool(found[2])
 
     def advance(self, conn: sa.Connection, values: dict[str, Any]) -> bool:
-        """`update` under this runner's generation; False when it no longer owns the row."""
+        """`update_live` under this runner's generation (cursor, counters, heartbeat; never the
+        state); False when it no longer owns the row."""
         names = tuple(values)
         if names not in self._advances:
+            assert "state" not in names, "state changes go through transition()"
             statement = (
                 sa.update(migrations)
                 .where(migrations.c.name == sa.bindparam("owner_name"))
                 .where(migrations.c.generation == sa.bindparam("owner_generation"))
+                .where(migrations.c.state == sa.bindparam("owner_state"))
                 .values({migrations.c[n]: sa.bindparam(n) for n in names})
             )
             self._advances[names] = self._compile(statement)
         compiled = self._advances[names]
         if compiled is None:
-            return update(conn, self.name, self.generation, **values)
+            return update_live(conn, self.name, self.generation, **values)
         sql, order = compiled
-        given = dict(values, owner_name=self.name, owner_generation=self.generation)
+        given = dict(
+            values,
+            owner_name=self.name,
+            owner_generation=self.generation,
+            owner_state=str(State.IN_PROGRESS),
+        )
         raw = driver(conn).cursor()
         try:
             raw.execute(sql, tuple(given[n] for n in order))

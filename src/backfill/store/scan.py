@@ -17,7 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.definition import Migration
-from backfill.store.database import JSON_AS_TEXT, LOCKING, driver
+from backfill.store.database import driver
+from backfill.store.dialects import JSON_AS_TEXT, LOCKING
 from backfill.store.records import Key
 from backfill.store.statement import Statement
 from backfill.store.values import Fault, Rows, Writes, decode_json, is_json

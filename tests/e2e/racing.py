@@ -14,11 +14,14 @@ import importlib
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# A command that starts with "@after=S" waits S seconds after the release.
+AFTER = "@after="
 # The barrier waits at most this long for everyone (a racer stuck in a command fails the test).
 BARRIER_SECONDS = 120
 
@@ -47,6 +50,10 @@ def _racer(
     importlib.import_module(app_module)
     for trial, argv in enumerate(commands):
         barrier.wait(BARRIER_SECONDS)
+        if argv and argv[0].startswith(AFTER):
+            # This racer starts a moment after the others (a sweep over the race's window).
+            time.sleep(float(argv[0][len(AFTER) :]))
+            argv = argv[1:]
         out = Path(folder) / f"trial{trial}-racer{index}.out"
         err = Path(folder) / f"trial{trial}-racer{index}.err"
         code = _captured(main, list(argv), out, err)

@@ -16,10 +16,13 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 from harness import HOST
-from racing import Outcome, Race
+from racing import AFTER, Outcome, Race
 from test_shapes_crash import SHAPES_APP, ShapesHarness
 
+from apps import counting
+from apps.counting import BAD_PREFIX
 from apps.shapes import COPY
+from backfill import Runner
 from backfill.store.tables import SCHEMA_VERSION
 from layouts import create_layout
 
@@ -114,3 +117,72 @@ def test_racing_runners_over_an_older_layout_upgrade_it_once(h, tmp_path):
             assert_one_ran(h, race.release(trial), f"over layout 1, trial {trial}")
             versions = h.query("SELECT version FROM _backfill_schema")
             assert [v[0] for v in versions] == [SCHEMA_VERSION]
+
+
+RESET_TRIALS = 10
+BAD_IDS = (7, 30)  # rows the counting app rejects, both in the first batch
+
+
+def canceled_with_skipped_rows(h: ShapesHarness) -> list[tuple[str, float]]:
+    """`derive` canceled after its first batch under --on-error skip, with two skipped rows
+    recorded; returns those records (row_id, at)."""
+    counting.create_items(h.engine, ROWS)
+    for bad in BAD_IDS:
+        h.execute(
+            "UPDATE items SET source = :s WHERE id = :id", {"s": f"{BAD_PREFIX}{bad}", "id": bad}
+        )
+    runner = Runner(h.url, counting.migrations)
+
+    def cancel(event: object) -> None:
+        runner.cancel(counting.NAME)
+
+    [result] = runner.run([counting.NAME], batch_size=50, on_error="skip", listener=cancel)
+    runner.db.dispose()
+    assert str(result.state) == "canceled", result
+    return skipped_records(h)
+
+
+def skipped_records(h: ShapesHarness) -> list[tuple[str, float]]:
+    rows = h.query("SELECT row_id, at FROM _migration_errors ORDER BY row_id")
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_a_reset_racing_a_run_is_refused_or_resets_but_never_forgets_a_run_it_did_not_stop(
+    h, tmp_path
+):
+    url = h.url
+    app = ("--app", "apps.counting:migrations", "--database-url", url)
+    run = ["run", counting.NAME, "--on-error", "skip", *app]
+    # The reset starts 0 to 45 ms after the run, so the trials sweep over the run's claim.
+    plan = [
+        [run, [f"{AFTER}{0.005 * k:.3f}", "reset", counting.NAME, "--yes", *app]]
+        for k in range(RESET_TRIALS)
+    ]
+    env = {"COUNTING_ROW_DELAY": "0.004"}
+    h.name = counting.NAME
+    outcomes: Counter[str] = Counter()
+    with Race(2, plan, tmp_path, env=env, app_module="apps.counting") as race:
+        for trial in range(RESET_TRIALS):
+            forget_backfill(h)
+            before = canceled_with_skipped_rows(h)
+            run, reset = race.release(trial)
+            assert run.exit_code == 0, (trial, run)
+            record = h.record()
+            assert record is not None and record["state"] == "success", (trial, record)
+            good = ROWS - len(BAD_IDS)
+            if reset.exit_code == 2:
+                # The run claimed first: the reset forgot nothing, the run resumed at its
+                # cursor (its counters carry over) and its skipped rows are still recorded.
+                assert f"pid {run.pid}" in reset.stderr, (trial, reset)
+                assert record["changed"] == good, (trial, record)
+                assert skipped_records(h) == before, trial
+                outcomes["refused"] += 1
+            else:
+                # The reset came first: the run started over (the first batch's rows were
+                # already done, so they count as processed, not changed).
+                assert reset.exit_code == 0, (trial, reset)
+                assert record["changed"] == good - (50 - len(BAD_IDS)), (trial, record)
+                assert len(skipped_records(h)) == len(BAD_IDS), trial
+                outcomes["reset"] += 1
+            assert record["processed"] == ROWS, (trial, record)
+    print(dict(outcomes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,16 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def observed_state(record: Record | None, now: float, lease: float, here: Identity) -> State:
-    """The state as people see it: a stored inProgress whose runner is gone is interrupted."""
+def observed_state(
+    record: Record | None,
+    now: float,
+    lease: float,
+    here: Identity,
+    alive: Callable[[int], bool] = process_alive,
+) -> State:
+    """The state as people see it: a stored inProgress whose runner is gone is interrupted:
+    its heartbeat is older than `lease` seconds, or it ran on this host and `alive(pid)` says
+    its process is gone."""
     if record is None:
         return State.PENDING
     stored = record.state
@@ -64,7 +73,7 @@ def observed_state(record: Record | None, now: float, lease: float, here: Identi
     heartbeat = record["heartbeat_at"]
     if heartbeat is None or now - heartbeat > lease:
         return State.INTERRUPTED
-    if record["runner_host"] == here.host and not process_alive(record["runner_pid"]):
+    if record["runner_host"] == here.host and not alive(record["runner_pid"]):
         return State.INTERRUPTED
     return State.IN_PROGRESS
 

@@ -17,8 +17,9 @@ after a CHECKPOINT, so every one starts from the same pages:
 
 Outputs are checked equal: per range of 10,000 ids, an md5 of the ids and `parts::text`
 (jsonb's text form is canonical, so equal documents give equal text). Batch durations come
-from the runner itself (`BACKFILL_BATCH_TIMINGS`: one line per committed batch, measured from
-the transaction's BEGIN to its COMMIT). Peak memory (max RSS of the backfill process) is
+from the runner itself (its `--events` file: a `batch` event per committed batch, with the time
+from the transaction's BEGIN to its COMMIT; bench/run_events.py). Peak memory (max RSS of
+the backfill process) is
 measured at two table sizes to show it stays flat.
 
     python bench/postgres_bench.py                 # 1,000,000 rows (several minutes)
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +41,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from run_events import RunFigures, read_run
 
 from chat_migrations.generator import create_messages_table, generate_messages
 from chat_migrations.parts import derive_parts
@@ -145,7 +146,7 @@ class Timing:
     rows: int
     seconds: float
     max_rss_kib: int | None = None
-    batches: tuple[float, ...] = ()  # seconds per committed batch, from the runner
+    run: RunFigures | None = None  # from the runner's own events
 
     @property
     def rate(self) -> float:
@@ -162,8 +163,9 @@ def run_backfill(database: str, rows: int, batch_size: int | None = None, *extra
     if batch_size is not None:
         command += ["--batch-size", str(batch_size)]
     with tempfile.TemporaryDirectory(prefix="backfill-bench-") as work:
-        timings = Path(work) / "batches.txt"
-        env = dict(os.environ, BACKFILL_BATCH_TIMINGS=str(timings))
+        events = Path(work) / "events.jsonl"
+        command += ["--events", str(events)]
+        env = dict(os.environ)
         started = time.perf_counter()
         process = subprocess.Popen(
             command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -177,8 +179,8 @@ def run_backfill(database: str, rows: int, batch_size: int | None = None, *extra
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode != 0:
             raise SystemExit(f"backfill exited {process.returncode}:\n{output.decode()}")
-        batches = tuple(float(line.split()[0]) for line in timings.read_text().splitlines())
-    return Timing(rows, seconds, usage.ru_maxrss, batches)
+        run = read_run(events)
+    return Timing(rows, seconds, usage.ru_maxrss, run)
 
 
 def run_floor(database: str, rows: int) -> Timing:
@@ -252,11 +254,6 @@ def best(timings: list[Timing]) -> Timing:
 
 def rates(timings: list[Timing]) -> str:
     return ", ".join(f"{t.rate:,.0f}" for t in timings)
-
-
-def percentile(values: tuple[float, ...], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def server() -> str:
@@ -365,14 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(c) / (a)            {best(pythons).rate / floor.rate:12.2f}x")
     if args.repeat > 1:
         print(f"all runs: backfill {rates(ours)}; (a) {rates(floors)}; (b) {rates(naives)}")
-    batches = mine.batches
-    if batches:
-        print(
-            f"batches              {len(batches):,} of up to {args.batch_size or 'default'} rows:"
-            f" p50 {percentile(batches, 0.5) * 1000:.1f} ms, p99 "
-            f"{percentile(batches, 0.99) * 1000:.1f} ms, max {max(batches) * 1000:.1f} ms,"
-            f" mean {statistics.fmean(batches) * 1000:.1f} ms"
-        )
+    if mine.run is not None:
+        print(mine.run.summary(args.batch_size or "default"))
     big_mib = max(t.max_rss_kib or 0 for t in ours) / 1024
     if small_rss is not None:
         small_mib = small_rss / 1024

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+from run_events import RunFigures, read_run
 
 from backfill.store.database import SQLITE_BUSY_TIMEOUT_MS
 from chat_migrations.generator import seed_messages
@@ -112,6 +113,7 @@ class Timing:
     rows: int
     seconds: float
     max_rss_kib: int | None = None
+    run: RunFigures | None = None  # from the runner's own events
 
     @property
     def rate(self) -> float:
@@ -137,6 +139,9 @@ def run_backfill(
         command += ["--batch-size", str(batch_size)]
     if python_only:
         command.append("--python-only")
+    events = path.with_suffix(".events.jsonl")
+    events.unlink(missing_ok=True)
+    command += ["--events", str(events)]
     # Start-up as a user's: with the bytecode cache Python writes, even where this shell says
     # not to (it would recompile backfill's modules on every start).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -153,7 +158,9 @@ def run_backfill(
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"backfill exited {process.returncode}:\n{output.decode()}")
-    return Timing(rows, seconds, usage.ru_maxrss)
+    run = read_run(events)
+    events.unlink()
+    return Timing(rows, seconds, usage.ru_maxrss, run)
 
 
 def run_floor(path: Path, rows: int) -> Timing:
@@ -325,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             f"all runs: backfill {rates(ours)}; (a) {rates(floors)}; (b) {rates(naives)}; "
             f"(c) {rates(pythons)}"
         )
+    if mine.run is not None:
+        print(mine.run.summary(args.batch_size or "default"))
     big_mib = max(t.max_rss_kib or 0 for t in ours) / 1024
     if small_rss is not None:
         small_mib = small_rss / 1024

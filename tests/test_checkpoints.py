@@ -14,6 +14,7 @@ from backfill import Runner, State
 from backfill.store import checkpoints
 from backfill.store.checkpoints import WalCheckpointer
 from backfill.store.database import Database
+from support import after_each_batch
 
 BATCH = 100
 MESSAGES = 4000
@@ -51,7 +52,9 @@ def run_flagship(db: Database, bound: int, monkeypatch: pytest.MonkeyPatch) -> i
         nonlocal largest
         largest = max(largest, os.path.getsize(wal_path(db)))
 
-    [result] = Runner(db, migrations).run(["body_to_parts"], batch_size=BATCH, listener=measure)
+    [result] = Runner(db, migrations).run(
+        ["body_to_parts"], batch_size=BATCH, listeners=[after_each_batch(measure)]
+    )
     assert result.state is State.SUCCESS and result.status.changed == MESSAGES
     return largest
 

@@ -13,6 +13,7 @@ from backfill import RowFailed, State
 from backfill.store.database import Database
 from chat_migrations import derive_parts
 from conftest import rows
+from support import after_each_batch
 
 ROWS = 1000
 ENGINE_TABLES = ("_migrations", "_migration_errors")
@@ -108,7 +109,9 @@ def test_dry_run_of_a_half_done_migration_starts_at_its_cursor_and_keeps_its_sta
         if status.processed >= 300:
             runner.cancel("body_to_parts")
 
-    [canceled] = runner.run(["body_to_parts"], batch_size=100, listener=cancel_after_three_batches)
+    [canceled] = runner.run(
+        ["body_to_parts"], batch_size=100, listeners=[after_each_batch(cancel_after_three_batches)]
+    )
     assert canceled.state is State.CANCELED and canceled.status.processed == 300
     before = snapshot(db)
 

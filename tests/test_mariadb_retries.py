@@ -38,6 +38,7 @@ from retrying import (
     rows_the_app_holds_are_waited_for,
     stored,
 )
+from support import after_each_batch
 
 
 @pytest.fixture
@@ -209,7 +210,9 @@ def test_a_batch_past_the_statement_time_is_retried_at_half_the_size(mariadb_url
     create_items(runner.db.engine, ROWS)
     add_trigger(runner.db.engine, "IF NEXTVAL(faults) = 1 THEN SET @slept = SLEEP(2); END IF;")
     seen: list[int] = []
-    [result] = runner.run([NAME], batch_size=BATCH, listener=lambda s: seen.append(s.processed))
+    [result] = runner.run(
+        [NAME], batch_size=BATCH, listeners=[after_each_batch(lambda s: seen.append(s.processed))]
+    )
     assert result.state is State.SUCCESS, result
     assert retries_logged(caplog, "statement timeout (1969)") == 1
     assert seen[0] == BATCH // 2, seen

@@ -35,6 +35,7 @@ from retrying import (
     rows_the_app_holds_are_waited_for,
     stored,
 )
+from support import after_each_batch
 
 
 @pytest.fixture
@@ -136,7 +137,9 @@ def test_a_batch_past_the_statement_timeout_is_retried_at_half_the_size(postgres
     create_items(runner.db.engine, ROWS)
     add_trigger(runner.db.engine, "IF nextval('faults') = 1 THEN PERFORM pg_sleep(2); END IF;")
     seen: list[int] = []
-    [result] = runner.run([NAME], batch_size=BATCH, listener=lambda s: seen.append(s.processed))
+    [result] = runner.run(
+        [NAME], batch_size=BATCH, listeners=[after_each_batch(lambda s: seen.append(s.processed))]
+    )
     assert result.state is State.SUCCESS, result
     assert retries_logged(caplog, "statement timeout (57014)") == 1
     assert seen[0] == BATCH // 2, seen

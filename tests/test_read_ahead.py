@@ -1,9 +1,9 @@
 """Work on the next batch is done ahead on SQLite: on the Python path its rows are read and
 decided while the current batch commits; on the SQL path its rows are prepared (counted, their
 text decoded, the guard checked) while the current batch's UPDATE runs. That work may only be
-used when nothing else committed in between. These tests commit in between, from the progress
-listener (called after a batch commits, when the next batch has already been worked ahead), as
-the application would from another connection, and check that no stale work is used.
+used when nothing else committed in between. These tests commit in between, from a listener
+of each batch's event (called after it commits, when the next batch has already been worked
+ahead), as the application would from another connection, and check that no stale work is used.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from backfill import Migrations, Runner, State
 from chat_migrations import derive_parts
 from conftest import rows
+from support import after_each_batch
 
 BATCH = 100
 
@@ -52,7 +53,9 @@ def test_an_edit_after_the_read_ahead_is_migrated_from_the_edited_row(seeded, ru
                 edited,
             )
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=edit_once, sql=path)
+    [result] = runner.run(
+        ["body_to_parts"], batch_size=BATCH, listeners=[after_each_batch(edit_once)], sql=path
+    )
 
     assert result.state is State.SUCCESS and result.status.changed == 3 * BATCH
     [(parts,)] = rows(db.engine, f"SELECT parts FROM messages WHERE id = {edited}")
@@ -73,7 +76,9 @@ def test_parts_written_by_new_code_after_the_read_ahead_are_left_alone(seeded, r
                 dual_written,
             )
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=dual_write_once, sql=path)
+    [result] = runner.run(
+        ["body_to_parts"], batch_size=BATCH, listeners=[after_each_batch(dual_write_once)], sql=path
+    )
 
     assert result.state is State.SUCCESS
     assert result.status.changed == 3 * BATCH - 1
@@ -86,7 +91,10 @@ def test_every_batch_is_written_exactly_once_across_read_aheads(seeded, runner, 
     before = rows(db.engine, "SELECT id, body, thinking_content FROM messages ORDER BY id")
 
     [result] = runner.run(
-        ["body_to_parts"], batch_size=BATCH, listener=lambda status: None, sql=path
+        ["body_to_parts"],
+        batch_size=BATCH,
+        listeners=[after_each_batch(lambda status: None)],
+        sql=path,
     )
 
     assert (result.status.processed, result.status.changed) == (10 * BATCH + 7,) * 2
@@ -111,7 +119,10 @@ def test_a_row_made_bad_after_the_read_ahead_fails_naming_it(seeded, runner, pat
             )
 
     [result] = runner.run(
-        ["body_to_parts"], batch_size=BATCH, listener=write_bad_text_once, sql=path
+        ["body_to_parts"],
+        batch_size=BATCH,
+        listeners=[after_each_batch(write_bad_text_once)],
+        sql=path,
     )
 
     assert result.state is State.FAILED
@@ -145,7 +156,9 @@ def test_rows_deleted_or_inserted_after_the_read_ahead_are_counted_as_they_are(
                 moved,
             )
 
-    [result] = runner.run(["body_to_parts"], batch_size=BATCH, listener=change_once, sql=path)
+    [result] = runner.run(
+        ["body_to_parts"], batch_size=BATCH, listeners=[after_each_batch(change_once)], sql=path
+    )
 
     [(count,)] = rows(db.engine, "SELECT count(*) FROM messages")
     assert count == (3 * BATCH - 1 if change == "delete" else 3 * BATCH)

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from backfill import Migrations, Runner, SchemaMismatch, SqlChange, State
 from backfill.store import tables
+from support import after_each_batch
 
 metadata = sa.MetaData()
 
@@ -276,7 +277,7 @@ def _run_two_batches_then_cancel(runner: Runner, name: str):
         if status.processed >= 10:
             runner.cancel(name)
 
-    return runner.run([name], listener=listener)
+    return runner.run([name], listeners=[after_each_batch(listener)])
 
 
 def test_another_unique_key_is_walked_in_its_order(engine, database_url):

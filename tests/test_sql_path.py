@@ -229,14 +229,16 @@ def test_flagship_runs_in_sql_from_the_cli(url, tmp_path: Path):
     count = size + size // 5
     seed_messages(db.engine, count)
     db.dispose()
-    timings = tmp_path / "batches.txt"
+    events = tmp_path / "events.jsonl"
     done = subprocess.run(
-        backfill_command("run", "body_to_parts", "--json", "--database-url", url),
+        backfill_command(
+            "run", "body_to_parts", "--json", "--events", str(events), "--database-url", url
+        ),
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env=cli_env(BACKFILL_BATCH_TIMINGS=str(timings)),
+        env=cli_env(),
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr
@@ -248,9 +250,11 @@ def test_flagship_runs_in_sql_from_the_cli(url, tmp_path: Path):
     )
     # Batches of the SQL path's own size, not the Python path's.
     assert status["batch_size"] == size != migrations["body_to_parts"].batch_size
-    lines = [line.split() for line in timings.read_text().splitlines()]
-    assert [int(rows) for _seconds, rows in lines] == [size, size // 5]
-    assert all(float(seconds) > 0 for seconds, _rows in lines)
+    batches = [e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "batch"]
+    assert [b["rows_read"] for b in batches] == [size, size // 5]
+    assert [b["rows_changed"] for b in batches] == [size, size // 5]
+    assert [(b["first_key"], b["last_key"]) for b in batches] == [(1, size), (size + 1, count)]
+    assert all(b["seconds"] > 0 and b["batch_size"] == size for b in batches)
 
 
 # -- SQLite's bad input --------------------------------------------------------------------------

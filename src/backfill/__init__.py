@@ -12,6 +12,7 @@ from backfill.definition import (
     Row,
     SqlChange,
 )
+from backfill.dry_run import DryRun
 from backfill.errors import (
     BackfillError,
     BadValue,
@@ -28,10 +29,11 @@ from backfill.errors import (
 from backfill.progress import MigrationStatus, RowError
 from backfill.registry import Migrations
 from backfill.retry import RetriesExhausted, RetryPolicy, Transient
-from backfill.runner import DryRun, Runner, RunResult, Verification
+from backfill.runner import Runner, RunResult
 from backfill.state import State
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
+from backfill.verification import Verification
 
 __all__ = [
     "BackfillError",

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from backfill.store.records import Key
 from backfill.store.scan import Snapshot
+from backfill.types import Key
 
 Work = TypeVar("Work")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from backfill.definition import DELETE, Context, Form, Keep, Migration
 from backfill.errors import BadValue, RowFailed
-from backfill.store.records import Key, row_id
 from backfill.store.values import Rows, Writes
+from backfill.types import Key, row_id
 
 
 class OnError(StrEnum):
@@ -46,6 +46,7 @@ class Outcome:
     skipped: list[Skipped] = field(default_factory=list)
     kept: list[Key] = field(default_factory=list)
     last_key: Key | None = None
+    first_key: Key | None = None
     samples: list[Sample] = field(default_factory=list)
     # The changes encoded for the driver, when decide was given somewhere to encode them.
     writes: Writes | None = None
@@ -100,7 +101,8 @@ def decide(
     takes a Context gets `context`; errors `passthrough` accepts (a deadlock in what the function
     wrote through the connection, say) are not the row's and propagate as they are.
     """
-    outcome = Outcome(processed=len(rows), last_key=rows.last_key, writes=writes)
+    first = rows.keys[0] if rows.keys else None
+    outcome = Outcome(len(rows), last_key=rows.last_key, first_key=first, writes=writes)
     call = _caller(migration, rows, on_error, context, passthrough)
     # This loop runs once per row of the table: names are bound to locals once, and a change is
     # told from "no change" by cheap checks first (a type differs) before comparing values.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from backfill.batch import OnError, Sample
 from backfill.definition import Migration
@@ -16,6 +17,7 @@ from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
 from backfill.store.scan import TableScan
+from backfill.types import row_id
 
 SAMPLES = 10
 
@@ -29,6 +31,20 @@ class DryRun:
     would_skip: int
     would_keep: int
     samples: list[Sample]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `dry_run` object of `run --dry-run --json`."""
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "would_change": self.would_change,
+            "would_skip": self.would_skip,
+            "would_keep": self.would_keep,
+            "samples": [
+                {"row_id": row_id(s.key), "before": s.before, "after": s.after}
+                for s in self.samples
+            ],
+        }
 
 
 def rehearse(

@@ -110,7 +110,7 @@ class RunFinished(Event):
     """The run ended in `state` and its command exits with `exit_code`."""
 
     event: ClassVar[str] = "run_finished"
-    state: str
+    state: str | None  # None when the database could not say (it is what failed)
     exit_code: int
     run_id: int | None = None
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backfill.errors import LeaseHeld
-from backfill.pacing import Clock
 from backfill.retry import number_from_env
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
 from backfill.store.records import Record
+from backfill.types import Clock
 
 DEFAULT_LEASE_SECONDS = 30.0
 
@@ -94,6 +94,22 @@ def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Ide
     refuse_if_live(name, record, observed_state(record, now, lease, me))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A migration this runner now holds: its record as claimed, and the state it came from."""
+
+    record: Record
+    source: State
+
+    @property
+    def generation(self) -> int:
+        return self.record.generation
+
+    @property
+    def run_id(self) -> int:
+        return int(self.record["run_id"])
+
+
 def enter(
     db: Database,
     name: str,
@@ -106,9 +122,9 @@ def enter(
     total: int | None,
     batch_size: int,
     total_is_estimate: bool = False,
-) -> Record | None:
+) -> Claim | None:
     """Claim the migration for this runner, in one transaction: a new generation and a new run
-    (its `run_id`). The claimed record, or None when it already succeeded and no restart.
+    (its `run_id`). None when it already succeeded and no restart.
     Two claimants at the same instant: one wins the compare-and-set of `records.transition`,
     the other gets LeaseHeld naming it, and its transaction leaves nothing behind."""
 
@@ -160,7 +176,7 @@ def enter(
             records.forget_skipped(conn, name)
         claimed = records.load(conn, name)
         assert claimed is not None
-        return claimed
+        return Claim(claimed, observed)
 
 
 def leave(

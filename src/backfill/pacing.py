@@ -6,10 +6,9 @@ Pure: no database, no threads; tests drive it with a fake clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-Clock = Callable[[], float]
+from backfill.types import Clock
 
 
 def wall_clock() -> float:

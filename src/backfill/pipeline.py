@@ -15,8 +15,6 @@ its own. On SQLite the WAL is checkpointed on a thread of its own too (store.che
 from __future__ import annotations
 
 import gc
-import json
-import os as _os
 import sys
 import time as _time
 from collections.abc import Iterator
@@ -32,7 +30,6 @@ from backfill.ahead import Ahead
 from backfill.batch import OnError, Outcome, decide
 from backfill.definition import Context, Form, Migration
 from backfill.errors import LeaseLost, RowFailed
-from backfill.pacing import Clock
 from backfill.progress import MigrationStatus
 from backfill.retry import Transient
 from backfill.state import State
@@ -41,16 +38,25 @@ from backfill.store.checkpoints import WalCheckpointer
 from backfill.store.copy import CopyTarget
 from backfill.store.database import Database
 from backfill.store.expression import Prepared, Rejected, SqlBatch
-from backfill.store.records import Key, encode_key
 from backfill.store.scan import Snapshot, TableScan
 from backfill.store.values import Rows
+from backfill.types import Clock, Key, decode_key, encode_key
 
 GIL_HANDOFF_SECONDS = 0.0005
 
 
 @dataclass(frozen=True)
 class Batch:
+    """A committed batch: its rows' first and last keys, how many it read and changed, the
+    time from its BEGIN to its COMMIT, and whether it was the last."""
+
     done: bool
+    first_key: Key | None
+    last_key: Key | None
+    rows_read: int
+    rows_changed: int
+    seconds: float
+    batch_size: int
 
 
 class Decider:
@@ -124,7 +130,6 @@ class Batches:
         self.progress = _Progress(record)
         # The migration's declared SQL for this dialect, unless the run asked for Python only.
         self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
-        self._timings: Any = None  # BACKFILL_BATCH_TIMINGS: a file, one line per batch
         self._ahead: Ahead[Outcome] | None = None  # the next batch decided (Python path)
         self._prepared: Ahead[Prepared] | None = None  # the next batch prepared (SQL path)
         self._checkpoints: WalCheckpointer | None = None
@@ -142,8 +147,6 @@ class Batches:
         if self.db.dialect == "sqlite":
             self._checkpoints = stack.enter_context(WalCheckpointer(self.db.engine, self._conn))
         stack.enter_context(_interpreter_tuned())
-        if _os.environ.get("BACKFILL_BATCH_TIMINGS"):
-            self._timings = stack.enter_context(open(_os.environ["BACKFILL_BATCH_TIMINGS"], "a"))
         return self
 
     def __exit__(
@@ -166,16 +169,10 @@ class Batches:
         With a declared SqlChange the batch is decided in the database; if the database rejects
         it (bad input), the batch rolled back and is done again through the Python function,
         which names the bad row and field, or records it under OnError.SKIP."""
-        started = _time.perf_counter()
-        processed = self.progress.values["processed"]
         try:
-            batch = self._next(self.in_database)
+            return self._next(self.in_database)
         except Rejected:
-            batch = self._next(None)
-        if self._timings is not None and batch is not None:
-            rows = self.progress.values["processed"] - processed
-            self._timings.write(f"{_time.perf_counter() - started:.6f} {rows}\n")
-        return batch
+            return self._next(None)
 
     def _next(self, in_database: SqlBatch | None) -> Batch | None:
         conn, scan, progress, name = self._conn, self.scan, self.progress, self.migration.name
@@ -183,6 +180,7 @@ class Batches:
         prepared_ahead, self._prepared = self._prepared, None
         if self._checkpoints is not None:
             self._checkpoints.before_batch()
+        began = _time.perf_counter()
         transaction = self.db.begin_batch(conn)
         preparing: Future[Ahead[Prepared] | None] | None = None
         try:
@@ -209,6 +207,7 @@ class Batches:
                 outcome = Outcome(
                     applied.processed,
                     last_key=applied.last_key,
+                    first_key=applied.first_key,
                     changed_in_database=applied.changed,
                 )
                 snapshot = None  # the next batch is decided in the database too: no read-ahead
@@ -241,15 +240,15 @@ class Batches:
             # (rejected by the SQL) must not pull the next one out of the SQL path.
             ahead_useful = self.in_database is None and not self.decider.needs_transaction
             if done or snapshot is None or outcome.moves_keys or not ahead_useful:
-                _write_and_commit(conn, scan, outcome, transaction)
+                committed = _write_and_commit(conn, scan, outcome, transaction)
             else:
                 committing = self._helper.submit(
                     _write_and_commit, conn, scan, outcome, transaction
                 )
                 try:
-                    self._ahead = self._read_ahead(_Progress.decode(values["cursor"]), snapshot)
+                    self._ahead = self._read_ahead(decode_key(values["cursor"]), snapshot)
                 finally:
-                    committing.result()  # the commit's own error, if any, wins
+                    committed = committing.result()  # the commit's own error, if any, wins
         except BaseException:
             self._ahead = None
             if preparing is not None:
@@ -262,7 +261,15 @@ class Batches:
         if self._checkpoints is not None:
             self._checkpoints.committed()
         progress.commit(values)
-        return Batch(done)
+        return Batch(
+            done,
+            outcome.first_key,
+            outcome.last_key,
+            outcome.processed,
+            outcome.changed,
+            committed - began,
+            self.size,
+        )
 
     def recover(self, transient: Transient) -> None:
         """Make ready to try a batch again after a transient error (backfill.retry): the failed
@@ -329,20 +336,17 @@ class _Progress:
 
     def commit(self, values: dict[str, Any]) -> None:
         self.values.update(values)
-        self.cursor = self.decode(values["cursor"])
-
-    @staticmethod
-    def decode(cursor: str | None) -> Key | None:
-        # The cursor as a resumed run reads it back, so both walk the same keys.
-        return None if cursor is None else tuple(json.loads(cursor))
+        self.cursor = decode_key(values["cursor"])
 
 
 def _write_and_commit(
     conn: sa.Connection, scan: TableScan, outcome: Outcome, transaction: sa.RootTransaction
-) -> None:
+) -> float:
+    """Write the batch's changes and commit; the moment the COMMIT returned."""
     if outcome.writes is not None and outcome.changes:
         scan.write(conn, outcome.writes)
     transaction.commit()
+    return _time.perf_counter()
 
 
 @contextmanager

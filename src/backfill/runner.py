@@ -21,8 +21,18 @@ from backfill import retry
 from backfill.batch import OnError
 from backfill.definition import Migration
 from backfill.dry_run import DryRun, rehearse
-from backfill.errors import GateClosed, LeaseHeld, LeaseLost, RowFailed, SchemaMismatch
-from backfill.pacing import Clock, wall_clock
+from backfill.errors import BackfillError, GateClosed, LeaseLost, RowFailed, SchemaMismatch
+from backfill.events import (
+    BatchCommitted,
+    Emitter,
+    Listener,
+    RunError,
+    RunFinished,
+    RunStarted,
+    StateChanged,
+    shown_key,
+)
+from backfill.pacing import wall_clock
 from backfill.pipeline import Batches
 from backfill.progress import MigrationStatus
 from backfill.registry import Migrations
@@ -32,9 +42,8 @@ from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.inspection import check_table, reflect_table
 from backfill.store.scan import describe_scan, scan_descriptor
+from backfill.types import Clock
 from backfill.verification import SAMPLE_IDS, Verification, verify
-
-ProgressListener = Callable[[MigrationStatus], None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,15 @@ class RunResult:
     def state(self) -> State:
         return self.status.state
 
+    @property
+    def exit_code(self) -> int:
+        """The contract's: 1 failed on a row, 4 the database kept failing, 3 canceled, else 0."""
+        if self.error is not None:
+            return self.error.exit_code
+        if self.state is State.FAILED:
+            return 1
+        return 3 if self.state is State.CANCELED else 0
+
 
 class Runner:
     def __init__(
@@ -60,7 +78,9 @@ class Runner:
         lease_seconds: float | None = None,
         retry_policy: retry.RetryPolicy | None = None,
         limits: Limits | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
+        """`listeners` are called with every event of this runner (backfill.events)."""
         self.db = database if isinstance(database, Database) else Database(database, limits=limits)
         self.retry_policy = retry_policy or retry.RetryPolicy.from_env()
         self.sleep: Callable[[float], None] = time.sleep  # between retries; tests replace it
@@ -68,6 +88,7 @@ class Runner:
         self.clock = clock
         self.lease_seconds = lease_seconds if lease_seconds is not None else leases.lease_seconds()
         self.me = leases.Identity.current()
+        self.listeners = list(listeners)
         self._resolved: dict[str, Migration] = {}
 
     def migration(self, name: str) -> Migration:
@@ -162,6 +183,8 @@ class Runner:
                     **records.forgotten_progress(self.clock()),
                 )
                 records.forget_skipped(conn, name)
+        if record is not None:
+            Emitter(self.listeners)(StateChanged(name, self.clock(), str(observed), "pending"))
         return self.status([name])[name]
 
     # -- read-only scans ----------------------------------------------------------------------
@@ -191,11 +214,13 @@ class Runner:
         min_age: timedelta | None = None,
         force: bool = False,
         pause: float = 0.0,
-        listener: ProgressListener | None = None,
+        listeners: Sequence[Listener] = (),
         sql: bool = True,
     ) -> list[RunResult]:
         """Run the migrations one after another; stop at the first that fails or is canceled.
-        `sql=False` ignores declared SQL (SqlChange): every row goes through the function."""
+        `sql=False` ignores declared SQL (SqlChange): every row goes through the function.
+        `listeners` get this call's events, after the runner's own."""
+        emit = Emitter([*self.listeners, *listeners])
         chosen = [self.migration(name) for name in names]
         policy = OnError(on_error)
         if batch_size is not None and batch_size < 1:
@@ -217,9 +242,7 @@ class Runner:
                     status = self.status([migration.name])[migration.name]
                     result = RunResult(migration.name, status, dry_run=report)
                 else:
-                    result = self._run_one(
-                        migration, size, restart, policy, pause, listener, sql=sql
-                    )
+                    result = self._run_one(migration, size, restart, policy, pause, emit, sql=sql)
             results.append(result)
             if result.state in (State.FAILED, State.CANCELED):
                 break
@@ -252,10 +275,6 @@ class Runner:
                     f"left; it finds {check.remaining} rows left and {check.raising} that raise"
                 )
 
-    def _count_total(self, migration: Migration) -> tuple[int, bool]:
-        """Rows in the migration's range, once per run; (total, whether it is an estimate)."""
-        return self.db.total_rows(migration.table, migration.range)
-
     def _run_one(
         self,
         migration: Migration,
@@ -263,7 +282,7 @@ class Runner:
         restart: bool,
         policy: OnError,
         pause: float,
-        listener: ProgressListener | None,
+        emit: Emitter,
         *,
         sql: bool = True,
     ) -> RunResult:
@@ -271,8 +290,8 @@ class Runner:
         scan_id = scan_descriptor(migration, self.db.engine.dialect)
         if not restart:
             self._refuse_other_scan(migration, scan_id)
-        total, estimated = self._count_total(migration)
-        claimed = leases.enter(
+        total, estimated = self.db.total_rows(migration.table, migration.range)
+        claim = leases.enter(
             self.db,
             name,
             now=self.clock(),
@@ -284,18 +303,39 @@ class Runner:
             total_is_estimate=estimated,
             batch_size=size,
         )
-        if claimed is None:
+        if claim is None:
             return RunResult(name, self.status([name])[name], already_done=True)
-        generation = claimed.generation
+        record = claim.record
+        now = self.clock()
+        emit(StateChanged(name, now, str(claim.source), str(State.IN_PROGRESS)))
+        emit(RunStarted(name, now, claim.run_id, 1, record["total"], record["processed"]))
         interval = max(self.lease_seconds / 3, 0.05)
-        with (
-            leases.Heartbeat(self.db, name, generation, interval, self.clock) as heartbeat,
-            StopSignals() as signals,
-            Batches(
-                self.db, migration, generation, claimed, size, policy, self.clock, sql=sql
-            ) as batches,
-        ):
-            return self._loop(name, generation, batches, pause, listener, heartbeat, signals)
+        try:
+            with (
+                leases.Heartbeat(self.db, name, claim.generation, interval, self.clock) as beat,
+                StopSignals() as signals,
+                Batches(
+                    self.db, migration, claim.generation, record, size, policy, self.clock, sql=sql
+                ) as batches,
+            ):
+                result = self._loop(name, claim.generation, batches, pause, emit, beat, signals)
+        except BackfillError as error:
+            emit(
+                RunFinished(
+                    name, self.clock(), self._state_now(name), error.exit_code, claim.run_id
+                )
+            )
+            raise
+        state = str(result.state)
+        emit(RunFinished(name, self.clock(), state, result.exit_code, claim.run_id))
+        return result
+
+    def _state_now(self, name: str) -> str | None:
+        """The migration's state as observed now, or None when the database cannot say."""
+        try:
+            return str(self.status([name])[name].state)
+        except BackfillError:
+            return None
 
     def _refuse_other_scan(self, migration: Migration, scan_id: str) -> None:
         """A half-done migration whose table, key or range changed since its cursor was saved
@@ -321,7 +361,7 @@ class Runner:
         generation: int,
         batches: Batches,
         pause: float,
-        listener: ProgressListener | None,
+        emit: Emitter,
         heartbeat: leases.Heartbeat,
         signals: StopSignals,
     ) -> RunResult:
@@ -329,7 +369,7 @@ class Runner:
             if heartbeat.lost.is_set():
                 raise LeaseLost(name)
             if signals.received is not None:
-                return self._finish(name, generation, State.CANCELED)
+                return self._finish(name, generation, State.CANCELED, emit)
             try:
                 batch = retry.call(
                     batches.next,
@@ -343,10 +383,21 @@ class Runner:
             except (retry.RetriesExhausted, RowFailed) as failure:
                 # A row at fault names its id and field; exhausted retries name only the cause.
                 row = failure if isinstance(failure, RowFailed) else None
+                emit(
+                    RunError(
+                        name,
+                        self.clock(),
+                        failure.message,
+                        failure.error_type,
+                        None if row is None else row.row_id,
+                        None if row is None else row.field,
+                    )
+                )
                 self._finish(
                     name,
                     generation,
                     State.FAILED,
+                    emit,
                     error_message=failure.message,
                     error_type=failure.error_type,
                     error_row_id=None if row is None else json.dumps(row.row_id, default=str),
@@ -354,21 +405,36 @@ class Runner:
                 )
                 return RunResult(name, self.status([name])[name], error=failure)
             if batch is None:
-                return self._finish(name, generation, State.CANCELED)
+                return self._finish(name, generation, State.CANCELED, emit)
+            # From what this run just committed: a status query per batch cost as much as the
+            # batch's own bookkeeping.
+            status = batches.status()
+            emit(
+                BatchCommitted(
+                    name,
+                    self.clock(),
+                    None,
+                    shown_key(batch.first_key),
+                    shown_key(batch.last_key),
+                    batch.rows_read,
+                    batch.rows_changed,
+                    round(batch.seconds, 6),
+                    batch.batch_size,
+                    status.processed,
+                    status.total,
+                )
+            )
             if batch.done:
-                status = self.status([name])[name]
-                if listener is not None:
-                    listener(status)
-                return RunResult(name, status)
-            if listener is not None:
-                # From what this run just committed: a status query per batch cost as much as
-                # the batch's own bookkeeping.
-                listener(batches.status())
+                emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(State.SUCCESS)))
+                return RunResult(name, self.status([name])[name])
             if pause > 0:
                 time.sleep(pause)
 
-    def _finish(self, name: str, generation: int, target: State, **values: Any) -> RunResult:
+    def _finish(
+        self, name: str, generation: int, target: State, emit: Emitter, **values: Any
+    ) -> RunResult:
         leases.leave(self.db, name, generation, target, self.clock(), **values)
+        emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(target)))
         return RunResult(name, self.status([name])[name])
 
 
@@ -376,4 +442,4 @@ def _rounded(age: timedelta) -> timedelta:
     return timedelta(seconds=round(age.total_seconds()))
 
 
-__all__ = ["DryRun", "LeaseHeld", "RunResult", "Runner", "Verification"]
+__all__ = ["RunResult", "Runner"]

@@ -12,8 +12,8 @@ from backfill.batch import OnError, Outcome
 from backfill.definition import Migration
 from backfill.pipeline import Decider
 from backfill.store.database import Database
-from backfill.store.records import Key, row_id
 from backfill.store.scan import TableScan
+from backfill.types import Key, row_id
 
 SAMPLE_IDS = 20
 

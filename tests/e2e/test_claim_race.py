@@ -25,6 +25,7 @@ from apps.shapes import COPY
 from backfill import Runner
 from backfill.store.tables import SCHEMA_VERSION
 from layouts import create_layout
+from support import after_each_batch
 
 TRIALS = 10
 ROWS = 150
@@ -136,7 +137,9 @@ def canceled_with_skipped_rows(h: ShapesHarness) -> list[tuple[str, float]]:
     def cancel(event: object) -> None:
         runner.cancel(counting.NAME)
 
-    [result] = runner.run([counting.NAME], batch_size=50, on_error="skip", listener=cancel)
+    [result] = runner.run(
+        [counting.NAME], batch_size=50, on_error="skip", listeners=[after_each_batch(cancel)]
+    )
     runner.db.dispose()
     assert str(result.state) == "canceled", result
     return skipped_records(h)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -15,10 +17,18 @@ from backfill.batch import OnError
 from backfill.cli import render
 from backfill.cli.options import current, global_options
 from backfill.errors import Refused, RowFailed
+from backfill.events import JsonLines, Listener
 from backfill.runner import RunResult
 from backfill.state import State
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+events_option = click.option(
+    "--events",
+    type=click.Path(dir_okay=False),
+    help="Append every event of the run to FILE, one JSON object per line.",
+)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -116,6 +126,7 @@ def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
     help="Ignore the migration's declared SQL; run its Python function on every row.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask before running in prod.")
+@events_option
 @global_options
 def run(
     names: tuple[str, ...],
@@ -129,6 +140,7 @@ def run(
     pause: float,
     python_only: bool,
     yes: bool,
+    events: str | None,
 ) -> int:
     """Run the named migrations one after another, each resuming from its cursor."""
     g = current()
@@ -151,7 +163,7 @@ def run(
         if typed != settings.environment:
             raise Refused("environment name not confirmed; nothing was run")
     started = time.monotonic()
-    with render.RunProgress() as progress:
+    with render.RunProgress() as progress, _events_file(events) as written:
         results = runner.run(
             names,
             batch_size=batch_size,
@@ -163,7 +175,7 @@ def run(
             force=force,
             pause=pause,
             sql=not python_only,
-            listener=None if g.json else progress,
+            listeners=[*written, *([] if g.json else [progress])],
         )
     _report(results, g.json, started)
     return _exit_code(results)
@@ -175,22 +187,7 @@ def _report(results: list[RunResult], as_json: bool, started: float) -> None:
         for result in results:
             document[result.name] = result.status.to_json()
             if result.dry_run is not None:
-                d = result.dry_run
-                document[result.name]["dry_run"] = {
-                    "batches": d.batches,
-                    "rows": d.rows,
-                    "would_change": d.would_change,
-                    "would_skip": d.would_skip,
-                    "would_keep": d.would_keep,
-                    "samples": [
-                        {
-                            "row_id": list(s.key) if len(s.key) > 1 else s.key[0],
-                            "before": s.before,
-                            "after": s.after,
-                        }
-                        for s in d.samples
-                    ],
-                }
+                document[result.name]["dry_run"] = result.dry_run.to_json()
         render.print_json(document)
         return
     for result in results:
@@ -224,16 +221,21 @@ def _report(results: list[RunResult], as_json: bool, started: float) -> None:
 
 
 def _exit_code(results: list[RunResult]) -> int:
-    states = {r.state for r in results}
-    errors = [r.error for r in results if r.error is not None]
-    if errors:
-        # 1 for a row the migration failed on, 4 for a database that kept failing the batch.
-        return max(error.exit_code for error in errors)
-    if State.FAILED in states:
-        return 1
-    if State.CANCELED in states:
-        return 3
-    return 0
+    # Runs stop at the first that fails or is canceled: at most one code is not 0.
+    return max((r.exit_code for r in results), default=0)
+
+
+@contextmanager
+def _events_file(path: str | None) -> Iterator[list[Listener]]:
+    """`--events FILE`: a listener appending every event to FILE as a JSON line."""
+    if path is None:
+        yield []
+        return
+    writer = JsonLines(path)
+    try:
+        yield [writer]
+    finally:
+        writer.close()
 
 
 @cli.command()
@@ -321,8 +323,9 @@ def reset(name: str, yes: bool) -> None:
 )
 @click.option("--seed-only", is_flag=True, help="Create the messages, do not migrate.")
 @click.option("--yes", is_flag=True, help="Replace an existing messages table without asking.")
+@events_option
 @global_options
-def demo(count_: int, seed_only: bool, yes: bool) -> int:
+def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
     """Create realistic legacy chat messages, then migrate them with a progress bar."""
     from chat_migrations import migrations
     from chat_migrations.generator import seed_messages
@@ -351,8 +354,8 @@ def demo(count_: int, seed_only: bool, yes: bool) -> int:
     if seed_only:
         return 0
     started = time.monotonic()
-    with render.RunProgress() as progress:
-        results = runner.run(["body_to_parts"], listener=progress)
+    with render.RunProgress() as progress, _events_file(events) as written:
+        results = runner.run(["body_to_parts"], listeners=[*written, progress])
     _report(results, False, started)
     render.out.print(render.status_table(runner.status()))
     return _exit_code(results)

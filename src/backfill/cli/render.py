@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -24,9 +25,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from backfill.dry_run import DryRun
+from backfill.events import BatchCommitted, Event, RunStarted
 from backfill.pacing import Ticker
 from backfill.progress import MigrationStatus, iso
-from backfill.runner import DryRun
+from backfill.types import row_id
 
 # Piped output is read by people later (logs, CI): do not squeeze it into 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -110,7 +113,8 @@ def status_details(report: Mapping[str, MigrationStatus]) -> list[str]:
 
 
 class RunProgress:
-    """A Rich bar on a terminal, a plain line every few seconds otherwise."""
+    """A Rich bar on a terminal, a plain line every few seconds otherwise; fed by the run's
+    events."""
 
     def __init__(self, console: Console = err, interval: float = 2.0) -> None:
         self.console = console
@@ -128,6 +132,7 @@ class RunProgress:
             transient=False,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.runs: dict[str, _RunRate] = {}
 
     def __enter__(self) -> RunProgress:
         if self.live:
@@ -143,28 +148,51 @@ class RunProgress:
         if self.live:
             self.progress.stop()
 
-    def __call__(self, status: MigrationStatus) -> None:
-        rate = status.rows_per_second
+    def __call__(self, event: Event) -> None:
+        """A listener of the run's events: a run's start opens its bar, each batch moves it."""
+        if isinstance(event, RunStarted):
+            self.runs[event.migration] = _RunRate(event.time, event.processed)
+            self._show(event.migration, event.processed, event.total, None, None)
+        elif isinstance(event, BatchCommitted):
+            run = self.runs.get(event.migration)
+            rate = None if run is None else run.rate(event.time, event.processed)
+            left = None if event.total is None else max(event.total - event.processed, 0)
+            eta = None if rate is None or left is None else left / rate
+            self._show(event.migration, event.processed, event.total, rate, eta)
+
+    def _show(
+        self, name: str, processed: int, total: int | None, rate: float | None, eta: float | None
+    ) -> None:
         if self.live:
-            if status.name not in self.tasks:
-                self.tasks[status.name] = self.progress.add_task(
-                    status.name, total=status.total, completed=status.processed, rate="—"
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(
+                    name, total=total, completed=processed, rate="—"
                 )
             self.progress.update(
-                self.tasks[status.name],
-                completed=status.processed,
-                total=max(status.total or 0, status.processed),
+                self.tasks[name],
+                completed=processed,
+                total=max(total or 0, processed),
                 rate="—" if rate is None else f"{rate:,.0f}",
             )
         elif self.ticker.due():
-            total = status.total or 0
-            share = f" ({100 * status.processed / total:.1f}%)" if total else ""
+            share = f" ({100 * processed / total:.1f}%)" if total else ""
             self.console.print(
-                f"{status.name}: {status.processed:,}/{total:,} rows{share}, "
-                f"{0 if rate is None else rate:,.0f} rows/s, "
-                f"ETA {_duration(status.eta_seconds)}",
+                f"{name}: {processed:,}/{total or 0:,} rows{share}, "
+                f"{0 if rate is None else rate:,.0f} rows/s, ETA {_duration(eta)}",
                 soft_wrap=True,
             )
+
+
+@dataclass(frozen=True)
+class _RunRate:
+    """Rows per second over the current run only, so a resume does not dilute it."""
+
+    started: float
+    processed: int
+
+    def rate(self, now: float, processed: int) -> float | None:
+        elapsed, done = now - self.started, processed - self.processed
+        return done / elapsed if elapsed > 0 and done > 0 else None
 
 
 def dry_run_report(report: DryRun) -> None:
@@ -176,9 +204,7 @@ def dry_run_report(report: DryRun) -> None:
     for sample in report.samples:
         new = not sample.before  # a copy's row the target lacks
         heading = " (a new row of the target)" if new else ""
-        out.print(
-            f"  row {sample.key[0] if len(sample.key) == 1 else list(sample.key)!r}{heading}:"
-        )
+        out.print(f"  row {row_id(sample.key)!r}{heading}:")
         for field, after in sample.after.items():
             before = "" if new else f"{_short(sample.before.get(field))} → "
             out.print(f"    {field}: {before}{_short(after)}", soft_wrap=True)

@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from backfill.definition import Existing, Migration
 from backfill.store.database import driver
 from backfill.store.dialects import JSON_AS_TEXT, LOCKING, insert_ignoring_conflicts
-from backfill.store.records import Key
 from backfill.store.statement import Statement
 from backfill.store.values import Writes, decode_json, is_json
+from backfill.types import Key
 
 _KEYS_PER_READ = 500
 

@@ -31,8 +31,8 @@ import sqlalchemy as sa
 from backfill.definition import Migration, SqlChange
 from backfill.store.database import driver
 from backfill.store.dialects import LOCKING
-from backfill.store.records import Key, row_id
 from backfill.store.statement import Statement
+from backfill.types import Key, row_id
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,18 @@ class Applied:
     """What one batch did in the database."""
 
     processed: int  # rows in the batch's range (locked)
+    first_key: Key | None
     last_key: Key | None
     changed: int  # rows the UPDATE wrote: those of the range that `where` selects
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """The rows of a batch, known before its UPDATE: how many, and the last key."""
+    """The rows of a batch, known before its UPDATE: how many, the first and the last key."""
 
     rows: int
     last_key: Key | None
+    first_key: Key | None = None
 
 
 class Rejected(Exception):
@@ -163,7 +165,7 @@ class SqlBatch:
                 raise Rejected(name, "a row holds TEXT that is not valid UTF-8") from error
             if not rows:
                 return Prepared(0, None)
-            last = tuple(rows[-1][: self._width])
+            first, last = tuple(rows[0][: self._width]), tuple(rows[-1][: self._width])
             if self._checks is not None:
                 check = self._checks[cursor is not None]
                 raw.execute(check.sql, check.params(last + (cursor or ())))
@@ -173,7 +175,7 @@ class SqlBatch:
                     raise Rejected(name, f"row {row!r} is outside the guard of its SQL")
         finally:
             raw.close()
-        return Prepared(len(rows), last)
+        return Prepared(len(rows), last, first)
 
     def apply(self, conn: sa.Connection, cursor: Key | None, prepared: Prepared) -> Applied:
         """Update the rows of the `prepared` batch after `cursor` that the migration changes,
@@ -181,7 +183,7 @@ class SqlBatch:
         refuses the UPDATE on this batch's data."""
         last = prepared.last_key
         if last is None:
-            return Applied(0, None, 0)
+            return Applied(0, None, None, 0)
         params: dict[str, Any] = {f"backfill_last_{i}": v for i, v in enumerate(last)}
         update = self._update_first
         if cursor is not None:
@@ -197,7 +199,7 @@ class SqlBatch:
             if getattr(error.orig, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
                 raise
             raise Rejected.refused(self.migration.name, error) from error
-        return Applied(prepared.rows, last, max(result.rowcount, 0))
+        return Applied(prepared.rows, prepared.first_key, last, max(result.rowcount, 0))
 
 
 def _as_given(name: str) -> sa.ColumnElement[Any]:

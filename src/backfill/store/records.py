@@ -18,8 +18,7 @@ from backfill.state import State
 from backfill.store.database import driver
 from backfill.store.dialects import insert_ignoring_conflicts
 from backfill.store.tables import migration_errors, migration_runs, migrations
-
-Key = tuple[Any, ...]
+from backfill.types import Key, decode_key, encode_key, row_id
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,7 @@ class Record:
 
     @property
     def cursor(self) -> Key | None:
-        raw = self.values["cursor"]
-        return None if raw is None else tuple(json.loads(raw))
+        return decode_key(self.values["cursor"])
 
     def __getitem__(self, column: str) -> Any:
         return self.values[column]
@@ -74,16 +72,6 @@ class Record:
             error=error,
             cancel_requested=bool(v["cancel_requested"]),
         )
-
-
-def encode_key(key: Key) -> str:
-    """A key as stored in the cursor and error tables: a JSON list of its values."""
-    return json.dumps(list(key), default=str)
-
-
-def row_id(key: Key) -> Any:
-    """A key as shown to people: the value itself, or a list for a composite key."""
-    return key[0] if len(key) == 1 else list(key)
 
 
 def tables_exist(conn: sa.Connection) -> bool:

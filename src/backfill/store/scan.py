@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from backfill.definition import Migration
 from backfill.store.database import driver
 from backfill.store.dialects import JSON_AS_TEXT, LOCKING
-from backfill.store.records import Key
 from backfill.store.statement import Statement
 from backfill.store.values import Fault, Rows, Writes, decode_json, is_json
+from backfill.types import Key
 
 Snapshot = tuple[int, int]
 _ROWS_PER_STATEMENT = 5000

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from backfill.errors import BadValue
-from backfill.store.records import Key
+from backfill.types import Key
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,50 @@ def test_a_dialect_sqlalchemy_does_not_know_is_one_sentence() -> None:
     with pytest.raises(ConfigError, match="names a dialect SQLAlchemy does not know") as raised:
         Database("foo+bar://u:secret@h/x")
     assert "secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "BACKFILL_LEASE_SECONDS",
+        "BACKFILL_RETRIES",
+        "BACKFILL_RETRY_DELAY",
+        "BACKFILL_LOCK_TIMEOUT",
+        "BACKFILL_STATEMENT_TIMEOUT",
+        "BACKFILL_ESTIMATE_ABOVE",
+    ],
+)
+def test_a_bad_tuning_variable_is_one_sentence_and_exit_2(variable: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "status",
+            "--database-url",
+            f"sqlite:///{tmp_path / 'x.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=cli_env(**{variable: "soon"}),
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"backfill: {variable}='soon' must be a non-negative number"
+    ]
+
+
+def test_the_engine_takes_plain_values_and_reads_no_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from backfill import Runner
+    from chat_migrations import migrations
+
+    for variable in ("BACKFILL_LEASE_SECONDS", "BACKFILL_RETRIES", "BACKFILL_LOCK_TIMEOUT"):
+        monkeypatch.setenv(variable, "soon")
+    runner = Runner(f"sqlite:///{tmp_path / 'x.db'}", migrations)
+    assert runner.lease_seconds == 30 and runner.retry_policy.attempts == 5
+    assert runner.db.limits.lock_timeout == 2.0

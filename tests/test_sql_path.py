@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from backfill import BadValue, Migrations, Row, Runner, SqlChange, State, pipeline
+from backfill import BadValue, Migrations, Row, Runner, SqlChange, State, batch
 from backfill.store import expression
 from backfill.store.database import Database
+from backfill.store.expression import declared_change
 from chat_migrations import derive_parts, messages, migrations
 from chat_migrations.generator import generate_messages, seed_messages
 from conftest import backfill_command, cli_env, rows
@@ -125,14 +126,14 @@ class _Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.applied = 0
         self.rejected = 0
-        apply, next_batch = expression.SqlBatch.apply, pipeline.Batches._next
+        apply, next_batch = expression.SqlBatch.apply, batch.Batches._next
 
         def counted_apply(batch: expression.SqlBatch, *args: Any, **kwargs: Any) -> Any:
             result = apply(batch, *args, **kwargs)
             self.applied += 1
             return result
 
-        def counted_next(batches: pipeline.Batches, in_database: Any) -> Any:
+        def counted_next(batches: batch.Batches, in_database: Any) -> Any:
             try:
                 return next_batch(batches, in_database)
             except expression.Rejected:
@@ -140,7 +141,7 @@ class _Spy:
                 raise
 
         monkeypatch.setattr(expression.SqlBatch, "apply", counted_apply)
-        monkeypatch.setattr(pipeline.Batches, "_next", counted_next)
+        monkeypatch.setattr(batch.Batches, "_next", counted_next)
 
 
 def _both_paths(
@@ -225,7 +226,8 @@ def test_bad_input_corpus_identical_in_sql_and_python(url, monkeypatch, batch_si
 
 def test_flagship_runs_in_sql_from_the_cli(url, tmp_path: Path):
     db = Database(url)
-    size = migrations["body_to_parts"].default_batch_size(db.dialect)
+    flagship = migrations["body_to_parts"]
+    size = flagship.default_batch_size(declared_change(flagship, db.dialect))
     count = size + size // 5
     seed_messages(db.engine, count)
     db.dispose()
@@ -559,13 +561,21 @@ def test_sql_change_needs_values_and_where():
 
 def test_batch_size_of_the_sql_path_applies_only_where_it_runs():
     flagship = migrations["body_to_parts"]
-    assert flagship.default_batch_size("postgresql") == 2_500
+    assert flagship.default_batch_size(declared_change(flagship, "postgresql")) == 2_500
     assert flagship.batch_size != 2_500
-    assert flagship.default_batch_size("postgresql", sql=False) == flagship.batch_size
-    assert flagship.default_batch_size("sqlite") == 10_000
-    assert flagship.default_batch_size("sqlite", sql=False) == flagship.batch_size
-    assert flagship.default_batch_size("oracle") == flagship.batch_size  # declares none
-    assert readings_migrations["parse_value"].default_batch_size("postgresql") == 4
+    assert flagship.default_batch_size() == flagship.batch_size  # in Python
+    assert flagship.default_batch_size(declared_change(flagship, "sqlite")) == 10_000
+    assert declared_change(flagship, "oracle") is None  # declares none
+    parse = readings_migrations["parse_value"]
+    assert parse.default_batch_size(declared_change(parse, "postgresql")) == 4
+
+
+def test_sql_declared_under_mysql_serves_mariadb_and_the_other_way_round():
+    one = _register({"mysql": SqlChange(values={"value": 1}, where=sa.true())})["parse_value"]
+    other = _register({"mariadb": SqlChange(values={"value": 2}, where=sa.true())})["parse_value"]
+    assert declared_change(one, "mariadb") is declared_change(one, "mysql") is not None
+    assert declared_change(other, "mysql") is declared_change(other, "mariadb") is not None
+    assert declared_change(one, "postgresql") is None
 
 
 def _register(sql: Any) -> Migrations:
@@ -582,8 +592,8 @@ def test_declared_columns_are_checked():
     # A function of the table is checked when first used.
     lazy = _register({"postgresql": lambda t: SqlChange(values={"nope": 1}, where=sa.true())})
     with pytest.raises(ValueError, match="not a column"):
-        lazy["parse_value"].sql_change("postgresql")
+        declared_change(lazy["parse_value"], "postgresql")
     wrong = _register({"postgresql": lambda t: {"value": 1}})
     with pytest.raises(TypeError, match="not a SqlChange"):
-        wrong["parse_value"].sql_change("postgresql")
-    assert wrong["parse_value"].sql_change("sqlite") is None
+        declared_change(wrong["parse_value"], "postgresql")
+    assert declared_change(wrong["parse_value"], "sqlite") is None

@@ -1,6 +1,6 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
-from backfill.batch import OnError, Sample
+from backfill.decision import OnError, Sample
 from backfill.definition import (
     DELETE,
     Context,
@@ -33,6 +33,7 @@ from backfill.runner import Runner, RunResult
 from backfill.state import State
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
+from backfill.types import Identity
 from backfill.verification import Verification
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Existing",
     "Form",
     "GateClosed",
+    "Identity",
     "Keep",
     "LeaseHeld",
     "LeaseLost",

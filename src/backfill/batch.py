@@ -1,264 +1,306 @@
-"""One batch: call the migration function on each row read and work out what to write.
+"""The batch: one transaction that reads the rows after the cursor, decides them, writes the
+changes and advances the cursor under the lease, then commits. The heart of the engine.
 
-The transaction around it (read, write, advance the cursor under the lease, commit) is the
-runner's; this module decides per row and knows nothing of connections.
+`Batches._next` is those steps, in order (docs/architecture.md, "A batch"):
+
+1. begin, and check the migration is still this runner's (its generation, state inProgress)
+   and not asked to stop;
+2. read the rows after the cursor in key order, locked where the dialect locks, and decide
+   them: in the database when the migration declares SQL for this dialect (store.expression),
+   else through the Python function (backfill.decision);
+3. advance `_migrations` (cursor, counters, heartbeat; `success` on the last batch) with a
+   compare-and-set on the generation, so a runner taken over commits nothing;
+4. write the changes and commit.
+
+A crash before the commit leaves no trace; after it the batch is done for good. Work on the next
+batch done meanwhile (backfill.ahead) is only ever a shortcut: the transaction checks it may
+stand, else does it again. The runner drives the loop (lease, signals, events, pauses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
-from backfill.definition import DELETE, Context, Form, Keep, Migration
-from backfill.errors import BadValue, RowFailed
-from backfill.store.values import Rows, Writes
-from backfill.types import Key, row_id
+import sqlalchemy as sa
 
-
-class OnError(StrEnum):
-    FAIL = "fail"
-    SKIP = "skip"
+from backfill.ahead import WorkAhead, interpreter_tuned
+from backfill.decision import Decider, OnError, Outcome
+from backfill.definition import Migration
+from backfill.errors import LeaseLost
+from backfill.progress import MigrationStatus, status_of
+from backfill.state import State
+from backfill.store import records
+from backfill.store.checkpoints import checkpoints_for
+from backfill.store.database import Database
+from backfill.store.expression import Rejected, SqlBatch
+from backfill.store.scan import Snapshot, TableScan
+from backfill.store.transient import Transient
+from backfill.types import Clock, Key, decode_key, encode_key
 
 
 @dataclass(frozen=True)
-class Skipped:
-    key: Key
-    field: str | None
-    error_type: str
-    message: str
+class Batch:
+    """A committed batch: its rows' first and last keys, how many it read and changed, the
+    time from its BEGIN to its COMMIT, and whether it was the last."""
+
+    done: bool
+    first_key: Key | None
+    last_key: Key | None
+    rows_read: int
+    rows_changed: int
+    seconds: float
+    batch_size: int
 
 
-@dataclass(frozen=True)
-class Sample:
-    key: Key
-    before: dict[str, Any]
-    after: dict[str, Any]
+class Batches:
+    """The batch transactions of one run that holds the lease at `generation`."""
 
-
-@dataclass
-class Outcome:
-    """What one batch did to its rows, before anything is written."""
-
-    processed: int = 0
-    changes: list[tuple[Key, dict[str, Any]]] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    kept: list[Key] = field(default_factory=list)
-    last_key: Key | None = None
-    first_key: Key | None = None
-    samples: list[Sample] = field(default_factory=list)
-    # The changes encoded for the driver, when decide was given somewhere to encode them.
-    writes: Writes | None = None
-    # Some change sets a key column: the rows after this batch are not known before it commits.
-    moves_keys: bool = False
-    # Rows the batch changed in the database itself (a declared SqlChange), not one by one.
-    changed_in_database: int = 0
-
-    @property
-    def changed(self) -> int:
-        return len(self.changes) + self.changed_in_database
-
-    def narrow(
-        self, changes: list[tuple[Key, dict[str, Any]]], before: dict[Key, dict[str, Any]]
+    def __init__(
+        self,
+        db: Database,
+        migration: Migration,
+        generation: int,
+        record: records.Record,
+        size: int,
+        policy: OnError,
+        clock: Clock,
+        *,
+        sql: bool = True,
     ) -> None:
-        """Keep only `changes` (a copy's rows its target lacks): the rest change nothing.
-        `before` has, by source key, the target rows that these changes overwrite."""
-        self.changes = changes
-        chosen = {key for key, _ in changes}
-        samples = []
-        for sample in self.samples:
-            if sample.key in chosen:
-                old = before.get(sample.key)
-                shown = {} if old is None else {n: old.get(n) for n in sample.after}
-                samples.append(Sample(sample.key, shown, sample.after))
-        self.samples = samples
-        self.writes = None  # written by the copy's target, not into the scanned table
+        self.db = db
+        self.migration = migration
+        self.size = size
+        self.policy = policy
+        self.clock = clock
+        self.scan = TableScan(db.engine, migration)
+        self.decider = Decider(db, migration, self.scan)
+        self.ledger = records.Ledger(db.engine.dialect, migration.name, generation)
+        self.progress = _Progress(record)
+        # The migration's declared SQL for this dialect, unless the run asked for Python only.
+        self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
+        # Reading ahead on the Python path: not where batches are decided in the database (a
+        # batch done in Python, rejected by the SQL, must not pull the next one out of the SQL
+        # path), nor for functions that need the batch's transaction.
+        self._reads_ahead = self.in_database is None and not self.decider.needs_transaction
+        self._stack = ExitStack()
 
+    def __enter__(self) -> Batches:
+        # One connection for every batch transaction (a snapshot token is only comparable on
+        # the same connection), one to work ahead on, and one thread that writes and commits.
+        stack = self._stack
+        self._conn = stack.enter_context(self.db.engine.connect())
+        helper = stack.enter_context(
+            ThreadPoolExecutor(1, thread_name_prefix=f"batch-{self.migration.name}")
+        )
+        self._helper = helper
+        reader = stack.enter_context(self.db.engine.connect())
+        self.ahead = WorkAhead(reader, helper, self.scan, self.migration, self.policy)
+        self._checkpoints = stack.enter_context(checkpoints_for(self.db.engine, self._conn))
+        stack.enter_context(interpreter_tuned())
+        return self
 
-def _failure(migration: Migration, key: Key, error: Exception) -> RowFailed:
-    field_name = error.field if isinstance(error, BadValue) else None
-    message = error.reason if isinstance(error, BadValue) else str(error) or type(error).__name__
-    return RowFailed(migration.name, row_id(key), field_name, message, type(error).__name__)
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.close()
 
+    def status(self) -> MigrationStatus:
+        """As of the last commit of this run, without asking the database."""
+        return status_of(records.Record(self.progress.values), State.IN_PROGRESS)
 
-_ABSENT: Any = object()
+    def next(self) -> Batch | None:
+        """One transaction: rows, changes, skipped rows and the cursor commit together, and only
+        while this runner still owns the migration. None when a cancel was requested; RowFailed
+        under OnError.FAIL (nothing of the batch is kept); LeaseLost when taken over.
 
-
-def decide(
-    migration: Migration,
-    rows: Rows,
-    on_error: OnError,
-    samples: int = 0,
-    writes: Writes | None = None,
-    context: Context | None = None,
-    passthrough: Callable[[BaseException], bool] | None = None,
-) -> Outcome:
-    """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL.
-
-    With `writes`, each change is also encoded there for the driver, so a value that cannot be
-    stored is an error on its own row rather than a failure of the whole write. A function that
-    takes a Context gets `context`; errors `passthrough` accepts (a deadlock in what the function
-    wrote through the connection, say) are not the row's and propagate as they are.
-    """
-    first = rows.keys[0] if rows.keys else None
-    outcome = Outcome(len(rows), last_key=rows.last_key, first_key=first, writes=writes)
-    call = _caller(migration, rows, on_error, context, passthrough)
-    # This loop runs once per row of the table: names are bound to locals once, and a change is
-    # told from "no change" by cheap checks first (a type differs) before comparing values.
-    function = migration.function
-    written = migration.table if migration.in_place else migration.target
-    assert written is not None
-    columns = frozenset(c.name for c in written.columns)
-    keys = frozenset(c.name for c in migration.key) if migration.in_place else frozenset()
-    # A copy's row is whole (every column it sets), not a difference from the row read, and
-    # must say which target row it is.
-    compare = migration.in_place
-    required = () if written is migration.table else tuple(written.primary_key.columns.keys())
-    changes, faults = outcome.changes, rows.faults
-    encode = None if writes is None else writes.add
-    for position, (key, values) in enumerate(zip(rows.keys, rows.values, strict=True)):
+        With a declared SqlChange the batch is decided in the database; if the database rejects
+        it (bad input), the batch rolled back and is done again through the Python function,
+        which names the bad row and field, or records it under OnError.SKIP."""
         try:
-            if faults and position in faults:
-                fault = faults[position]
-                raise BadValue(fault.field, fault.reason)
-            result = function(values) if call is None else call(position, values)
-            if result is None:
-                continue
-            if isinstance(result, Keep):
-                outcome.kept.append(key)
-                continue
-            if isinstance(result, Changed):
-                outcome.changed_in_database += result.rows
-                continue
-            for name in required:
-                if result.get(name) is None:
-                    raise BadValue(name, f"is the key of table {written.name!r} and must be set")
-            diff: dict[str, Any] = {}
-            for name, value in result.items():
-                if name not in columns:
-                    raise BadValue(name, f"is not a column of table {written.name!r}")
-                if name in keys:
-                    outcome.moves_keys = True
-                new = None if value is DELETE else value
-                old = values.get(name, _ABSENT) if compare else _ABSENT
-                if type(old) is not type(new) or old is _ABSENT or old != new:
-                    diff[name] = new
-            if diff and encode is not None:
-                encode(key, diff)
-        except Exception as error:  # noqa: BLE001 - any error in user code is about this row
-            if passthrough is not None and passthrough(error):
-                raise
-            failure = _failure(migration, key, error)
-            if on_error is OnError.FAIL:
-                raise failure from error
-            outcome.skipped.append(Skipped(key, failure.field, failure.error_type, failure.message))
-            continue
-        if diff:
-            changes.append((key, diff))
-            if len(outcome.samples) < samples:
-                before = {name: values.get(name) for name in diff} if compare else {}
-                outcome.samples.append(Sample(key, before, diff))
-    return outcome
+            return self._next(self.in_database)
+        except Rejected:
+            return self._next(None)
 
-
-Caller = Callable[[int, dict[str, Any]], Any]
-
-
-def _caller(
-    migration: Migration,
-    rows: Rows,
-    on_error: OnError,
-    context: Context | None,
-    passthrough: Callable[[BaseException], bool] | None,
-) -> Caller | None:
-    """How decide gets a row's result: None for a plain row function (called directly, the hot
-    path); otherwise a function of (position, row) that passes the Context, in a savepoint under
-    OnError.SKIP, or hands out the results of one call of a batch function."""
-    function = migration.function
-    takes_context = migration.takes_context
-    if takes_context and context is None:
-        raise TypeError(f"migration {migration.name!r} takes a Context; none was given")
-    args: tuple[Any, ...] = (context,) if takes_context else ()
-
-    def isolated(argument: Any) -> Any:
-        """The call in a savepoint: if it raises, what it wrote through the connection goes."""
-        assert context is not None
-        with context.conn.begin_nested():
-            return function(argument, *args)
-
-    def plain(argument: Any) -> Any:
-        return function(argument, *args)
-
-    # A skipped row must leave nothing behind; a failed one rolls the whole batch back anyway.
-    guarded = isolated if takes_context and on_error is OnError.SKIP else plain
-    if migration.form is Form.ROW:
-        if not takes_context:
-            return None
-        return lambda _position, values: guarded(values)
-    whole = isolated if takes_context else plain
-    results = _batch_results(migration, rows, whole, guarded, passthrough)
-
-    def result_at(position: int, _values: dict[str, Any]) -> Any:
-        result = results[position]
-        if isinstance(result, _Raised):
-            raise result.error
-        return result
-
-    return result_at
-
-
-@dataclass(frozen=True)
-class _Raised:
-    error: Exception
-
-
-@dataclass(frozen=True)
-class Changed:
-    """A batch function's count of rows it changed itself (carried by the batch's first row)."""
-
-    rows: int
-
-
-def _batch_results(
-    migration: Migration,
-    rows: Rows,
-    whole: Callable[[Any], Any],
-    single: Callable[[Any], Any],
-    passthrough: Callable[[BaseException], bool] | None,
-) -> list[Any]:
-    """One call of a batch function over the rows the engine could decode, as a result per row.
-    If it raises, it is called again one row at a time (`whole` ran in a savepoint when the
-    function writes, so nothing of the failed call stays), and only the rows at fault fail."""
-    positions = [p for p in range(len(rows)) if p not in rows.faults]
-
-    def call(chosen: list[int], function: Callable[[Any], Any]) -> list[Any]:
-        result = function([rows.values[p] for p in chosen])
-        if isinstance(result, int) and not isinstance(result, bool):
-            return [Changed(result)] + [None] * (len(chosen) - 1)
-        listed = list(result)
-        if len(listed) != len(chosen):
-            raise TypeError(
-                f"the batch function returned {len(listed)} changes for {len(chosen)} rows "
-                "(one per row, in order, or the number of rows it changed)"
-            )
-        return listed
-
-    results: list[Any] = [None] * len(rows)
-    if not positions:
-        return results
-    try:
-        for position, result in zip(positions, call(positions, whole), strict=True):
-            results[position] = result
-        return results
-    except Exception as error:  # noqa: BLE001 - narrowed below, row by row
-        if passthrough is not None and passthrough(error):
+    def _next(self, in_database: SqlBatch | None) -> Batch | None:
+        conn = self._conn
+        self._checkpoints.before_batch()
+        began = time.perf_counter()
+        transaction = self.db.begin_batch(conn)
+        try:
+            if self._stop_requested(conn):  # 1. (LeaseLost if no longer ours)
+                transaction.rollback()
+                return None
+            outcome, snapshot = self._decide(conn, in_database)  # 2.
+            values, done = self._advance(conn, outcome)  # 3.
+            committed = self._write_and_commit(conn, outcome, transaction, values, done, snapshot)
+        except BaseException:
+            self.ahead.drop()
+            if transaction.is_active:
+                transaction.rollback()
             raise
-    for position in positions:
+        self.ahead.settle()
+        self._checkpoints.committed()
+        self.progress.commit(values)
+        return Batch(
+            done,
+            outcome.first_key,
+            outcome.last_key,
+            outcome.processed,
+            outcome.changed,
+            committed - began,
+            self.size,
+        )
+
+    def _stop_requested(self, conn: sa.Connection) -> bool:
+        """Whether a cancel was requested; LeaseLost when the migration is no longer ours."""
+        owned, cancel_requested = self.ledger.check(conn)
+        if not owned:
+            raise LeaseLost(self.migration.name)
+        return cancel_requested
+
+    def _decide(
+        self, conn: sa.Connection, in_database: SqlBatch | None
+    ) -> tuple[Outcome, Snapshot | None]:
+        """The batch after the cursor, decided: as worked ahead if that may stand, else in the
+        database, else in Python. Also the snapshot token a read-ahead may be checked against
+        (None: no read-ahead after this batch)."""
+        cursor = self.progress.cursor
+        snapshot = self.scan.snapshot(conn)
+        decided = self.ahead.decided(cursor, snapshot)
+        prepared = self.ahead.prepared(cursor, snapshot)
+        if decided is not None:
+            return decided, snapshot
+        if in_database is not None:
+            return self._decide_in_database(conn, in_database, prepared, snapshot), None
+        return self.decider(conn, self.scan.read(conn, cursor, self.size), self.policy), snapshot
+
+    def _decide_in_database(
+        self,
+        conn: sa.Connection,
+        in_database: SqlBatch,
+        prepared: Any,
+        snapshot: Snapshot | None,
+    ) -> Outcome:
+        cursor = self.progress.cursor
+        if prepared is None:
+            prepared = in_database.prepare(conn, cursor, self.size)
+        if snapshot is not None and prepared.rows == self.size:
+            # The next batch is prepared on the reader while this one's UPDATE runs.
+            self.ahead.prepare_next(in_database, prepared.last_key, snapshot, self.size)
+        applied = in_database.apply(conn, cursor, prepared)
+        return Outcome(
+            applied.processed,
+            last_key=applied.last_key,
+            first_key=applied.first_key,
+            changed_in_database=applied.changed,
+        )
+
+    def _advance(self, conn: sa.Connection, outcome: Outcome) -> tuple[dict[str, Any], bool]:
+        """Skipped rows, cursor and counters, under the generation check; the last batch (fewer
+        rows than asked for) records `success` through the transition table."""
+        name, now = self.migration.name, self.clock()
+        records.record_skipped(
+            conn, name, [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped], now
+        )
+        values = self.progress.after(outcome)
+        values.update(updated_at=now, heartbeat_at=now)
+        done = outcome.processed < self.size
+        if done:
+            values.update(finished_at=now, heartbeat_at=None)
+            records.transition(
+                conn,
+                name,
+                at_generation=self.ledger.generation,
+                source=State.IN_PROGRESS,
+                target=State.SUCCESS,
+                **values,
+            )
+        elif not self.ledger.advance(conn, values):
+            raise LeaseLost(name)
+        return values, done
+
+    def _write_and_commit(
+        self,
+        conn: sa.Connection,
+        outcome: Outcome,
+        transaction: sa.RootTransaction,
+        values: dict[str, Any],
+        done: bool,
+        snapshot: Snapshot | None,
+    ) -> float:
+        """Write the changes and commit; the moment the COMMIT returned. Where the next batch
+        may be read ahead, the commit runs on the thread while this one reads and decides it."""
+        if done or snapshot is None or outcome.moves_keys or not self._reads_ahead:
+            return _write_and_commit(conn, self.scan, outcome, transaction)
+        committing = self._helper.submit(_write_and_commit, conn, self.scan, outcome, transaction)
         try:
-            (results[position],) = call([position], single)
-        except Exception as error:  # noqa: BLE001 - this row's
-            if passthrough is not None and passthrough(error):
-                raise
-            results[position] = _Raised(error)
-    return results
+            self.ahead.decide_next(decode_key(values["cursor"]), snapshot, self.size)
+        finally:
+            committed = committing.result()  # the commit's own error, if any, wins
+        return committed
+
+    def recover(self, transient: Transient) -> None:
+        """Make ready to try a batch again after a transient error (backfill.retry): the failed
+        try rolled back, or died with its connection, which is then replaced. Progress is read
+        back from `_migrations`, the truth even when the connection died during a COMMIT whose
+        outcome this runner never heard."""
+        self.ahead.drop()
+        if transient.reconnect:
+            for old in (self._conn, self.ahead.reader):
+                with suppress(Exception):
+                    old.invalidate()
+                with suppress(Exception):
+                    old.close()
+            self._conn = self._stack.enter_context(self.db.engine.connect())
+            self.ahead.reader = self._stack.enter_context(self.db.engine.connect())
+        if transient.shrink:
+            self.size = max(1, self.size // 2)
+        with self._conn.begin():
+            record = records.load(self._conn, self.migration.name)
+        if (
+            record is None
+            or record.generation != self.ledger.generation
+            or record.state is not State.IN_PROGRESS
+        ):
+            raise LeaseLost(self.migration.name)
+        self.progress = _Progress(record)
+
+
+class _Progress:
+    """The run's `_migrations` row as last committed; `after` proposes the next values."""
+
+    def __init__(self, record: records.Record) -> None:
+        self.values = dict(record.values)
+        self.cursor: Key | None = record.cursor
+
+    def after(self, outcome: Outcome) -> dict[str, Any]:
+        v = self.values
+        return {
+            "processed": v["processed"] + outcome.processed,
+            "changed": v["changed"] + outcome.changed,
+            "skipped_errors": v["skipped_errors"] + len(outcome.skipped),
+            "kept": v["kept"] + len(outcome.kept),
+            "cursor": v["cursor"] if outcome.last_key is None else encode_key(outcome.last_key),
+        }
+
+    def commit(self, values: dict[str, Any]) -> None:
+        self.values.update(values)
+        self.cursor = decode_key(values["cursor"])
+
+
+def _write_and_commit(
+    conn: sa.Connection, scan: TableScan, outcome: Outcome, transaction: sa.RootTransaction
+) -> float:
+    """Write the batch's changes and commit; the moment the COMMIT returned."""
+    if outcome.writes is not None and outcome.changes:
+        scan.write(conn, outcome.writes)
+    transaction.commit()
+    return time.perf_counter()

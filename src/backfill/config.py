@@ -26,6 +26,20 @@ PRODUCTION = "prod"
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def number_from_env(variable: str, default: float) -> float:
+    """A non-negative number from the environment; `default` when unset or empty."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{variable}={raw!r} must be a non-negative number")
+    return value
+
+
 def redact_url(url: str | sa.URL) -> str:
     """The URL with its password hidden, safe to print."""
     try:

@@ -132,11 +132,12 @@ class SqlChange:
             )
 
 
-_MYSQL_FAMILY = ("mysql", "mariadb")
-
-# Per dialect name ("postgresql", "sqlite", "mysql" or "mariadb"): a SqlChange, or a function
-# of the migration's table that returns one (built when first needed; handy for `table.c.<name>`).
-SqlChanges = Mapping[str, SqlChange | Callable[[sa.Table], SqlChange]]
+# A SqlChange, or a function of the migration's table that returns one (built when first needed;
+# handy for `table.c.<name>`).
+DeclaredSql = SqlChange | Callable[[sa.Table], SqlChange]
+# Per dialect name, as SQLAlchemy names it ("postgresql", "sqlite", "mysql", "mariadb"). Which
+# declaration serves a dialect is store.dialects.declared_for's to say.
+SqlChanges = Mapping[str, DeclaredSql]
 
 
 # A range: a boolean SQLAlchemy expression over the table, or a function of the table giving one.
@@ -167,21 +168,16 @@ class Migration:
     # True while `table` (and `target`) are names still to be reflected from the database.
     reflect: bool = False
 
-    def default_batch_size(self, dialect: str, *, sql: bool = True) -> int:
-        """Rows per batch unless the run says otherwise: the SqlChange's own when batches on
-        `dialect` are decided in the database (`sql`), else the migration's."""
-        change = self.sql_change(dialect) if sql else None
+    def default_batch_size(self, change: SqlChange | None = None) -> int:
+        """Rows per batch unless the run says otherwise: the SqlChange's own when batches are
+        decided in the database by `change`, else the migration's."""
         if change is not None and change.batch_size is not None:
             return change.batch_size
         return self.batch_size
 
-    def sql_change(self, dialect: str) -> SqlChange | None:
-        """The declared SQL equivalent for `dialect`, checked against the table; None if none."""
-        declared = self.sql.get(dialect)
-        if declared is None and dialect in _MYSQL_FAMILY:
-            # SQLAlchemy names the dialect by the URL (mysql+pymysql, mariadb+pymysql): one
-            # declaration serves both names.
-            declared = next((self.sql[d] for d in _MYSQL_FAMILY if d in self.sql), None)
+    def checked_sql(self, dialect: str, declared: DeclaredSql | None) -> SqlChange | None:
+        """`declared`, this migration's SQL for `dialect` (None: it declares none), built and
+        checked against the table."""
         if declared is None:
             return None
         change = declared if isinstance(declared, SqlChange) else declared(self.table)
@@ -260,4 +256,4 @@ class Migration:
                 raise ValueError(f"migration {self.name!r}: a copy cannot declare `sql`")
         for dialect, declared in self.sql.items():
             if isinstance(declared, SqlChange):
-                self.sql_change(dialect)  # checked now; a function is checked when used
+                self.checked_sql(dialect, declared)  # checked now; a function is checked when used

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backfill.batch import OnError, Sample
+from backfill.decision import Decider, OnError, Sample
 from backfill.definition import Migration
-from backfill.pipeline import Decider
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database

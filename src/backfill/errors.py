@@ -10,8 +10,11 @@
      ├── LeaseLost                 exit 2: this runner was taken over; nothing more was committed
      ├── RowFailed                 exit 1: the migration raised on a row (batch rolled back)
      └── DatabaseUnavailable       exit 4: unreachable, or an error that is not about a row
+          └── RetriesExhausted     a batch kept failing transiently (backfill.retry)
 
 `BadValue` is not a BackfillError: migration functions raise it to name the field at fault.
+Nor are the internal `store.expression.Rejected` (a batch the SQL path hands to the function),
+`store.locks.Unneeded` and `state.TransitionRefused` (a bug if it ever reaches a user).
 """
 
 from __future__ import annotations
@@ -20,30 +23,41 @@ from typing import Any
 
 
 class BackfillError(Exception):
+    """Base of every error backfill raises to its user; the CLI exits with its `exit_code`."""
+
     exit_code = 2
 
 
 class Refused(BackfillError):
+    """Raised by a command that will not do what was asked as asked: a CLI confirmation declined,
+    a reset or table upgrade refused while a run holds a lease, a state changed meanwhile."""
+
     exit_code = 2
 
 
 class UnknownMigration(Refused):
-    pass
+    """Raised by `Migrations[name]` (so by every command naming one) for a name not defined."""
 
 
 class SchemaMismatch(Refused):
-    pass
+    """Raised by `Runner.run` (and the commands that read the table) when a table or column is
+    missing, a half-done migration's scan changed, or backfill's own tables are too new."""
 
 
 class GateClosed(Refused):
-    pass
+    """Raised by `Runner.run` when the migration's prerequisite does not hold: the one required
+    has not succeeded, succeeded too recently, or `verify` still finds rows (unless `--force`)."""
 
 
 class ConfigError(Refused):
-    pass
+    """Raised by `config` and the CLI's options, `Database()` and the `from_env` knobs when the
+    app, an environment variable, the URL or its driver cannot be resolved."""
 
 
 class LeaseHeld(Refused):
+    """Raised by `Runner.run` and `Runner.reset` (lease.enter, records.transition) when a live
+    runner holds the migration."""
+
     def __init__(self, migration: str, host: str | None, pid: int | None) -> None:
         super().__init__(
             f"migration {migration!r} is being run by a live runner (host {host}, pid {pid}); "
@@ -68,6 +82,10 @@ class LeaseLost(BackfillError):
 
 
 class DatabaseUnavailable(BackfillError):
+    """Raised by every `Runner` command (`Database.unavailable_as_error`) when the database is
+    unreachable or fails for a reason that is not about a row, and when backfill's tables stay
+    locked by another process."""
+
     exit_code = 4
 
 

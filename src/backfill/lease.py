@@ -8,36 +8,19 @@ generation in the same transaction) is refused: a revived zombie can write nothi
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from backfill.errors import LeaseHeld
-from backfill.retry import number_from_env
 from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database
 from backfill.store.records import Record
-from backfill.types import Clock
+from backfill.types import Clock, Identity
 
 DEFAULT_LEASE_SECONDS = 30.0
-
-
-def lease_seconds() -> float:
-    """`BACKFILL_LEASE_SECONDS`: a bad value is a ConfigError (exit 2), as for the others."""
-    return number_from_env("BACKFILL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
-
-
-@dataclass(frozen=True)
-class Identity:
-    host: str
-    pid: int
-
-    @classmethod
-    def current(cls) -> Identity:
-        return cls(socket.gethostname(), os.getpid())
 
 
 def process_alive(pid: int) -> bool:

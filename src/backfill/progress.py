@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from backfill.state import State
+from backfill.store.records import Record
+from backfill.types import Identity
 
 
 def iso(seconds: float | None) -> str | None:
@@ -34,12 +37,6 @@ class RowError:
 
 
 @dataclass(frozen=True)
-class Runner:
-    host: str
-    pid: int
-
-
-@dataclass(frozen=True)
 class MigrationStatus:
     name: str
     state: State
@@ -56,7 +53,7 @@ class MigrationStatus:
     # Rate is measured over the current (or last) run only, so a resume does not dilute it.
     run_started_at: float | None = None
     run_processed_start: int = 0
-    runner: Runner | None = None
+    runner: Identity | None = None
     error: RowError | None = None
     cancel_requested: bool = False
 
@@ -106,3 +103,38 @@ class MigrationStatus:
             else {"host": self.runner.host, "pid": self.runner.pid},
             "error": None if self.error is None else self.error.to_json(),
         }
+
+
+def status_of(record: Record, observed: State) -> MigrationStatus:
+    """The report of a stored `_migrations` row, in the state as people see it (`observed`:
+    `interrupted` for a stored inProgress whose runner is gone)."""
+    v = record.values
+    live = observed in (State.IN_PROGRESS, State.INTERRUPTED)
+    error = None
+    if v["error_message"] is not None:
+        error = RowError(
+            message=v["error_message"],
+            type=v["error_type"],
+            row_id=None if v["error_row_id"] is None else json.loads(v["error_row_id"]),
+            field=v["error_field"],
+        )
+    holder = Identity(v["runner_host"], v["runner_pid"]) if live and v["runner_host"] else None
+    return MigrationStatus(
+        name=v["name"],
+        state=observed,
+        processed=v["processed"],
+        total=v["total"],
+        changed=v["changed"],
+        skipped_errors=v["skipped_errors"],
+        kept=v["kept"],
+        total_is_estimate=bool(v["total_is_estimate"]),
+        batch_size=v["batch_size"],
+        started_at=v["started_at"],
+        updated_at=v["updated_at"],
+        finished_at=v["finished_at"],
+        run_started_at=v["run_started_at"],
+        run_processed_start=v["run_processed_start"] or 0,
+        runner=holder,
+        error=error,
+        cancel_requested=bool(v["cancel_requested"]),
+    )

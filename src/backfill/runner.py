@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import OnError
+from backfill.batch import Batches
+from backfill.decision import OnError
 from backfill.definition import Migration
 from backfill.dry_run import DryRun, rehearse
 from backfill.errors import BackfillError, GateClosed, LeaseLost, RowFailed, SchemaMismatch
@@ -33,16 +34,16 @@ from backfill.events import (
     shown_key,
 )
 from backfill.pacing import wall_clock
-from backfill.pipeline import Batches
-from backfill.progress import MigrationStatus
+from backfill.progress import MigrationStatus, status_of
 from backfill.registry import Migrations
 from backfill.state import State
 from backfill.stop_signals import StopSignals
 from backfill.store import records
 from backfill.store.database import Database, Limits
+from backfill.store.expression import declared_change
 from backfill.store.inspection import check_table, reflect_table
 from backfill.store.scan import describe_scan, scan_descriptor
-from backfill.types import Clock
+from backfill.types import Clock, Identity
 from backfill.verification import SAMPLE_IDS, Verification, verify
 
 
@@ -82,12 +83,14 @@ class Runner:
     ) -> None:
         """`listeners` are called with every event of this runner (backfill.events)."""
         self.db = database if isinstance(database, Database) else Database(database, limits=limits)
-        self.retry_policy = retry_policy or retry.RetryPolicy.from_env()
+        self.retry_policy = retry_policy or retry.RetryPolicy()
         self.sleep: Callable[[float], None] = time.sleep  # between retries; tests replace it
         self.migrations = migrations
         self.clock = clock
-        self.lease_seconds = lease_seconds if lease_seconds is not None else leases.lease_seconds()
-        self.me = leases.Identity.current()
+        self.lease_seconds = (
+            leases.DEFAULT_LEASE_SECONDS if lease_seconds is None else lease_seconds
+        )
+        self.me = Identity.current()
         self.listeners = list(listeners)
         self._resolved: dict[str, Migration] = {}
 
@@ -127,7 +130,7 @@ class Runner:
             record = stored.get(name)
             observed = self._observed(record)
             report[name] = (
-                record.status(observed)
+                status_of(record, observed)
                 if record
                 else MigrationStatus(name=name, state=State.PENDING)
             )
@@ -234,7 +237,8 @@ class Runner:
                 if not force:
                     self._check_gate(migration, min_age)
                 in_sql = sql and not dry_run  # a dry run goes through the function
-                size = batch_size or migration.default_batch_size(self.db.dialect, sql=in_sql)
+                change = declared_change(migration, self.db.dialect) if in_sql else None
+                size = batch_size or migration.default_batch_size(change)
                 if dry_run:
                     report = rehearse(
                         self.db, migration, size, dry_run_batches, policy, self._observed

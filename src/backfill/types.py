@@ -1,4 +1,5 @@
-"""The domain's small shared names: a row's key, how a key is stored and shown, a clock.
+"""The domain's small shared names: a row's key, how a key is stored and shown, a clock, and
+who a runner is.
 
 A key is a tuple of the key columns' values, in key order, even for a one-column key. It is
 stored (the cursor, skipped rows) as a JSON list, and shown to people as `row_id`: the value
@@ -8,7 +9,10 @@ itself, or a list for a composite key. This module imports nothing of ours.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 Key = tuple[Any, ...]
@@ -29,3 +33,15 @@ def decode_key(stored: str | None) -> Key | None:
 def row_id(key: Key) -> Any:
     """A key as shown to people: the value itself, or a list for a composite key."""
     return key[0] if len(key) == 1 else list(key)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A runner: the host and process that hold (or held) a migration's lease."""
+
+    host: str
+    pid: int
+
+    @classmethod
+    def current(cls) -> Identity:
+        return cls(socket.gethostname(), os.getpid())

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from backfill.batch import OnError, Outcome
+from backfill.decision import Decider, OnError, Outcome
 from backfill.definition import Migration
-from backfill.pipeline import Decider
 from backfill.store.database import Database
 from backfill.store.scan import TableScan
 from backfill.types import Key, row_id

@@ -13,9 +13,9 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from backfill.batch import OnError
 from backfill.cli import render
 from backfill.cli.options import current, global_options
+from backfill.decision import OnError
 from backfill.errors import Refused, RowFailed
 from backfill.events import JsonLines, Listener
 from backfill.runner import RunResult

@@ -11,8 +11,11 @@ import click
 
 from backfill import config
 from backfill.errors import ConfigError
+from backfill.lease import DEFAULT_LEASE_SECONDS
 from backfill.registry import Migrations
+from backfill.retry import RetryPolicy
 from backfill.runner import Runner
+from backfill.store.database import Limits
 
 F = TypeVar("F", bound=Callable[..., Any])
 # The global options of the invocation in progress; `main` clears it before each invocation.
@@ -110,11 +113,21 @@ class Globals:
         """A Runner over the configured app, or over `migrations` (demo's flagship) if given."""
         if migrations is None:
             migrations = self.migrations()
-        runner = Runner(self.settings.database_url, migrations)
+        runner = Runner(self.settings.database_url, migrations, **engine_knobs())
         context = click.get_current_context(silent=True)
         if context is not None:  # the command's connections close when it ends
             context.call_on_close(runner.db.dispose)
         return runner
+
+
+def engine_knobs() -> dict[str, Any]:
+    """The BACKFILL_* tuning variables, read here at the edge, once per command (the engine
+    takes plain values): each bad value is one sentence and exit 2."""
+    return {
+        "lease_seconds": config.number_from_env("BACKFILL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS),
+        "retry_policy": RetryPolicy.from_env(),
+        "limits": Limits.from_env(),
+    }
 
 
 def current() -> Globals:

@@ -20,9 +20,9 @@ last commit would have done.
 from __future__ import annotations
 
 import threading
-from contextlib import closing, suppress
+from contextlib import AbstractContextManager, closing, suppress
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -135,3 +135,35 @@ class WalCheckpointer:
         except Exception:  # noqa: BLE001
             return None
         return int(row[0]), int(row[1]), int(row[2])
+
+
+class _NoCheckpoints:
+    """Where the server checkpoints on its own (PostgreSQL, MySQL): nothing to do."""
+
+    def __enter__(self) -> _NoCheckpoints:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def before_batch(self) -> None:
+        return None
+
+    def committed(self) -> None:
+        return None
+
+
+class Checkpoints(Protocol):
+    """What a run tells the checkpoints of its batch connection."""
+
+    def before_batch(self) -> None: ...
+
+    def committed(self) -> None: ...
+
+
+def checkpoints_for(engine: sa.Engine, conn: sa.Connection) -> AbstractContextManager[Checkpoints]:
+    """What a run's batch connection `conn` does about checkpoints: SQLite's WAL checkpointed
+    on a thread of its own, nothing elsewhere. Enter it for the length of the run."""
+    if engine.dialect.name == "sqlite":
+        return WalCheckpointer(engine, conn)
+    return _NoCheckpoints()

@@ -16,12 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from backfill import retry
-from backfill.config import redact_url
+from backfill.config import number_from_env, redact_url
 from backfill.errors import ConfigError, DatabaseUnavailable
 from backfill.store.dialects import MYSQL, READ_ONLY
 from backfill.store.locks import SQLITE_BUSY_TIMEOUT_MS, sqlite_write_lock
 from backfill.store.tables import ensure_schema
+from backfill.store.transient import Transient, classify, sqlstate
 
 _SESSION_LIMITS = "backfill_session_limits"  # a pooled MySQL connection still has a batch's limits
 # What "no limit" means for innodb_lock_wait_timeout: MariaDB's largest (about 3 years; MySQL's
@@ -80,10 +80,6 @@ def _create_engine(url: str | sa.URL) -> sa.Engine:
     return engine
 
 
-def _seconds(variable: str, default: float) -> float:
-    return retry.number_from_env(variable, default)
-
-
 @dataclass(frozen=True)
 class Limits:
     """How long one batch transaction may wait, on PostgreSQL and MySQL, before it backs off.
@@ -110,9 +106,11 @@ class Limits:
         """`BACKFILL_LOCK_TIMEOUT`, `BACKFILL_STATEMENT_TIMEOUT` (seconds) and
         `BACKFILL_ESTIMATE_ABOVE` (rows)."""
         return cls(
-            lock_timeout=_seconds("BACKFILL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT),
-            statement_timeout=_seconds("BACKFILL_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT),
-            estimate_above=int(_seconds("BACKFILL_ESTIMATE_ABOVE", DEFAULT_ESTIMATE_ABOVE)),
+            lock_timeout=number_from_env("BACKFILL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT),
+            statement_timeout=number_from_env(
+                "BACKFILL_STATEMENT_TIMEOUT", DEFAULT_STATEMENT_TIMEOUT
+            ),
+            estimate_above=int(number_from_env("BACKFILL_ESTIMATE_ABOVE", DEFAULT_ESTIMATE_ABOVE)),
         )
 
     def batch_settings_sql(self) -> str:
@@ -183,7 +181,7 @@ class Database:
         self.engine = url if isinstance(url, sa.Engine) else _create_engine(url)
         self.dialect = self.engine.dialect.name
         self.display_url = redact_url(self.engine.url)
-        self.limits = limits if limits is not None else Limits.from_env()
+        self.limits = limits if limits is not None else Limits()
         self._schema_ready = False
         self._postgresql = self.dialect == "postgresql"
         self._mysql = self.dialect in MYSQL
@@ -284,14 +282,14 @@ class Database:
         if (
             self._postgresql
             and isinstance(error, dbapi.OperationalError)
-            and retry.sqlstate(error) is None
+            and sqlstate(error) is None
         ):
             return True
         return bool(self.engine.dialect.is_disconnect(error, None, None))
 
-    def transient(self, error: BaseException) -> retry.Transient | None:
-        """Why `error` is worth retrying the batch for, or None (see backfill.retry)."""
-        return retry.classify(
+    def transient(self, error: BaseException) -> Transient | None:
+        """Why `error` is worth retrying the batch for, or None (see backfill.store.transient)."""
+        return classify(
             error, is_database_error=self.is_database_error, is_disconnect=self.is_disconnect
         )
 

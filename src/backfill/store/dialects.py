@@ -1,9 +1,11 @@
 """What differs between the SQL dialects backfill runs on, named once: the sets of dialects
-that share a behaviour, and the statements that are spelled differently on each."""
+that share a behaviour, which of a migration's per-dialect declarations serves a dialect, and the
+statements that are spelled differently on each."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -16,6 +18,18 @@ JSON_AS_TEXT = frozenset({"sqlite"}) | MYSQL
 # The execution option of a connection that only reads: on SQLite its transactions begin with a
 # plain BEGIN, not BEGIN IMMEDIATE (the write lock).
 READ_ONLY = "backfill_read_only"
+
+T = TypeVar("T")
+
+
+def declared_for(dialect: str, declared: Mapping[str, T]) -> T | None:
+    """The entry of `declared` (keyed by dialect name) for `dialect`; None if none. SQLAlchemy
+    names a MySQL-family dialect by the URL (mysql+pymysql, mariadb+pymysql), so an entry under
+    "mysql" serves "mariadb" and the other way round; the dialect's own name comes first."""
+    found = declared.get(dialect)
+    if found is None and dialect in MYSQL:
+        found = next((declared[d] for d in sorted(MYSQL - {dialect}) if d in declared), None)
+    return found
 
 
 def insert_ignoring_conflicts(

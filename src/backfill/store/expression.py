@@ -16,8 +16,8 @@ and when a declared guard does not hold for a row of the range (one more `SELECT
 LIMIT 1` in step 1).
 
 On SQLite, step 1 of the next batch may run ahead, on another connection, while this batch's
-UPDATE runs (the pipeline decides when that stands). The cursor, counters and lease check
-around both steps are the pipeline's, as for any batch.
+UPDATE runs (backfill.ahead decides when that stands). The cursor, counters and lease check
+around both steps are the batch's (backfill.batch), as for any batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
 from backfill.store.database import driver
-from backfill.store.dialects import LOCKING
+from backfill.store.dialects import LOCKING, declared_for
 from backfill.store.statement import Statement
 from backfill.types import Key, row_id
 
@@ -68,6 +68,12 @@ class Rejected(Exception):
     def refused(cls, migration: str, error: sa.exc.DBAPIError) -> Rejected:
         detail = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
         return cls(migration, f"the database rejected its SQL: {detail}")
+
+
+def declared_change(migration: Migration, dialect: str) -> SqlChange | None:
+    """The migration's SQL for `dialect` (SQLAlchemy's name), built and checked against its
+    table; None when it declares none there."""
+    return migration.checked_sql(dialect, declared_for(dialect, migration.sql))
 
 
 class SqlBatch:
@@ -122,7 +128,7 @@ class SqlBatch:
     @classmethod
     def declared(cls, engine: sa.Engine, migration: Migration) -> SqlBatch | None:
         """The migration's SQL path on this engine's dialect; None when it declares none."""
-        change = migration.sql_change(engine.dialect.name)
+        change = declared_change(migration, engine.dialect.name)
         return None if change is None else cls(engine, migration, change)
 
     def _lock_statement(self, cursor_given: bool, limit: int) -> Statement:
@@ -149,7 +155,7 @@ class SqlBatch:
         the SQL handles faithfully.
 
         Inside the batch's transaction, or on SQLite ahead of it, on another connection and
-        outside any transaction (the pipeline then checks that nothing committed since): so
+        outside any transaction (the batch then checks that nothing committed since): so
         only driver cursors here, never a SQLAlchemy execute, which would begin a transaction
         that takes SQLite's write lock."""
         name = self.migration.name

@@ -13,7 +13,6 @@ import sqlalchemy as sa
 
 from backfill import state as machine
 from backfill.errors import LeaseHeld, LeaseLost, Refused
-from backfill.progress import MigrationStatus, RowError, Runner
 from backfill.state import State
 from backfill.store.database import driver
 from backfill.store.dialects import insert_ignoring_conflicts
@@ -41,37 +40,6 @@ class Record:
 
     def __getitem__(self, column: str) -> Any:
         return self.values[column]
-
-    def status(self, observed: State) -> MigrationStatus:
-        v = self.values
-        live = observed in (State.IN_PROGRESS, State.INTERRUPTED)
-        error = None
-        if v["error_message"] is not None:
-            error = RowError(
-                message=v["error_message"],
-                type=v["error_type"],
-                row_id=None if v["error_row_id"] is None else json.loads(v["error_row_id"]),
-                field=v["error_field"],
-            )
-        return MigrationStatus(
-            name=v["name"],
-            state=observed,
-            processed=v["processed"],
-            total=v["total"],
-            changed=v["changed"],
-            skipped_errors=v["skipped_errors"],
-            kept=v["kept"],
-            total_is_estimate=bool(v["total_is_estimate"]),
-            batch_size=v["batch_size"],
-            started_at=v["started_at"],
-            updated_at=v["updated_at"],
-            finished_at=v["finished_at"],
-            run_started_at=v["run_started_at"],
-            run_processed_start=v["run_processed_start"] or 0,
-            runner=Runner(v["runner_host"], v["runner_pid"]) if live and v["runner_host"] else None,
-            error=error,
-            cancel_requested=bool(v["cancel_requested"]),
-        )
 
 
 def tables_exist(conn: sa.Connection) -> bool:

@@ -20,7 +20,7 @@ from backfill.store.database import Database
 from chat_migrations import InvalidMessage, derive_parts, message_parts, migrations
 from chat_migrations.generator import generate_messages
 from chat_migrations.schema import messages
-from conftest import rows
+from support import rows
 
 ROWS = 60
 BATCH = 10

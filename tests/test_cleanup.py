@@ -19,7 +19,7 @@ from backfill import GateClosed, Runner, State
 from backfill.store.database import Database
 from chat_migrations import derive_parts, message_parts, migrations
 from chat_migrations.schema import messages
-from conftest import rows
+from support import rows
 
 DAY = 86_400.0
 ROWS = 300

@@ -12,8 +12,7 @@ import sqlalchemy as sa
 from backfill import RowFailed, State
 from backfill.store.database import Database
 from chat_migrations import derive_parts
-from conftest import rows
-from support import after_each_batch
+from support import after_each_batch, rows
 
 ROWS = 1000
 ENGINE_TABLES = ("_migrations", "_migration_errors")

@@ -21,7 +21,7 @@ from backfill.events import (
     RunStarted,
     StateChanged,
 )
-from conftest import backfill_command, cli_env
+from support import backfill_command, cli_env
 
 NAME = counting.NAME
 ROWS = 250

@@ -10,7 +10,7 @@ import pytest
 
 from backfill import ConfigError
 from backfill.store.database import Database
-from conftest import cli_env
+from support import cli_env
 
 # The CLI with the PostgreSQL driver made unimportable, as if the extra were not installed.
 WITHOUT_PSYCOPG = (

@@ -6,7 +6,7 @@ import json
 
 from backfill import State
 from chat_migrations import derive_parts, message_parts
-from conftest import rows
+from support import rows
 
 
 def test_run_migrates_every_message_and_rerun_changes_nothing(seeded, runner):

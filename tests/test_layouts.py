@@ -16,7 +16,7 @@ from sqlalchemy.pool import NullPool
 from apps import counting
 from backfill import Refused, Runner, SchemaMismatch
 from backfill.store import tables
-from layouts import LAYOUTS, create_layout
+from support.layouts import LAYOUTS, create_layout
 
 NAME = counting.NAME
 ROWS = 300

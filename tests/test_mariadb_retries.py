@@ -27,7 +27,8 @@ from apps.counting import NAME, create_items
 from backfill import RunResult, State, retry
 from backfill.retry import RetriesExhausted, RetryPolicy
 from backfill.store.database import Database, Limits
-from retrying import (
+from support import after_each_batch
+from support.retrying import (
     BATCH,
     ROWS,
     assert_all_once,
@@ -38,7 +39,6 @@ from retrying import (
     rows_the_app_holds_are_waited_for,
     stored,
 )
-from support import after_each_batch
 
 
 @pytest.fixture

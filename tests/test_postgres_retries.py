@@ -24,7 +24,8 @@ from sqlalchemy.pool import NullPool
 from apps.counting import NAME, create_items, items
 from backfill import State
 from backfill.retry import RetriesExhausted, RetryPolicy
-from retrying import (
+from support import after_each_batch
+from support.retrying import (
     BATCH,
     ROWS,
     assert_all_once,
@@ -35,7 +36,6 @@ from retrying import (
     rows_the_app_holds_are_waited_for,
     stored,
 )
-from support import after_each_batch
 
 
 @pytest.fixture

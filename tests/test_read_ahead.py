@@ -17,8 +17,7 @@ import sqlalchemy as sa
 
 from backfill import Migrations, Runner, State
 from chat_migrations import derive_parts
-from conftest import rows
-from support import after_each_batch
+from support import after_each_batch, rows
 
 BATCH = 100
 

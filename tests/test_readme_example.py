@@ -6,7 +6,7 @@ import os
 import re
 import sqlite3
 
-from conftest import ROOT
+from support import ROOT
 
 
 def test_readme_python_example_runs(tmp_path, capsys):

@@ -28,7 +28,7 @@ from backfill.store.database import Database
 from backfill.store.expression import declared_change
 from chat_migrations import derive_parts, messages, migrations
 from chat_migrations.generator import generate_messages, seed_messages
-from conftest import backfill_command, cli_env, rows
+from support import backfill_command, cli_env, rows
 
 GENERATED = 3_000
 NOW = datetime(2025, 1, 1, tzinfo=UTC)

@@ -1,4 +1,5 @@
-"""A dry run: batches through the real code path in one transaction that is rolled back.
+"""A dry run: batches decided through the function (never the SQL path), with a run's reads,
+locks and writes, in one transaction that is rolled back; no `_migrations` bookkeeping.
 
 It starts where the next real run would (the stored cursor), takes no lease, and keeps nothing,
 not even state; it reports how many rows would change and up to ten before/after samples.

@@ -33,7 +33,7 @@ from sqlalchemy.pool import NullPool
 
 from apps.counting import NAME, create_items
 from backfill.store.database import application_name
-from conftest import backfill_command, cli_env
+from support import backfill_command, cli_env
 
 APP = "apps.counting:migrations"
 HOST = socket.gethostname()

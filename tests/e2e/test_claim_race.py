@@ -24,8 +24,8 @@ from apps.counting import BAD_PREFIX
 from apps.shapes import COPY
 from backfill import Runner
 from backfill.store.tables import SCHEMA_VERSION
-from layouts import create_layout
 from support import after_each_batch
+from support.layouts import create_layout
 
 TRIALS = 10
 ROWS = 150

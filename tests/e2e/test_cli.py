@@ -8,7 +8,7 @@ import subprocess
 
 import sqlalchemy as sa
 
-from conftest import ROOT, backfill_command, cli_env
+from support import ROOT, backfill_command, cli_env
 
 
 def test_demo_then_status_count_verify_and_rerun(cli, sqlite_url):

@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 from backfill.store.database import Database
 from chat_migrations import derive_parts
 from chat_migrations.generator import seed_messages
-from conftest import backfill_command, cli_env
+from support import backfill_command, cli_env
 
 SEEDED = 52_500
 GAP = 25  # every 25th id is deleted after seeding: free keys for old code to insert at

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, cli_env
+from support import ROOT, cli_env
 
 SCRIPT = ROOT / "scripts" / "production-migration.sh"
 

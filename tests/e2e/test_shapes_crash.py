@@ -44,7 +44,7 @@ from apps.shapes import (
     notes_copy,
     pairs,
 )
-from conftest import backfill_command
+from support import backfill_command
 
 SHAPES_APP = "apps.shapes:migrations"
 

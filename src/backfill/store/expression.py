@@ -30,7 +30,8 @@ import sqlalchemy as sa
 
 from backfill.definition import Migration, SqlChange
 from backfill.store.database import driver
-from backfill.store.dialects import LOCKING, declared_for
+from backfill.store.dialects import declared_for
+from backfill.store.scan import keyset_read
 from backfill.store.statement import Statement
 from backfill.types import Key, row_id
 
@@ -135,17 +136,8 @@ class SqlBatch:
         cached = self._locks.get((cursor_given, limit))
         if cached is None:
             key = self.migration.key
-            names = [f"k{i}" for i in range(self._width)] if cursor_given else []
-            statement = sa.select(*key, *self._decoded)
-            if self._range is not None:
-                statement = statement.where(self._range)
-            if cursor_given:
-                params = [sa.bindparam(n, type_=c.type) for n, c in zip(names, key, strict=True)]
-                statement = statement.where(_compare(key, params, ">"))
-            statement = statement.order_by(*[c.asc() for c in key]).limit(limit)
-            if self.dialect.name in LOCKING:
-                statement = statement.with_for_update()
-            cached = Statement.compile(statement, self.dialect, names)
+            select = sa.select(*key, *self._decoded)
+            cached = keyset_read(select, key, self._range, cursor_given, limit, True, self.dialect)
             self._locks[(cursor_given, limit)] = cached
         return cached
 

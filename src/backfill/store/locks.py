@@ -24,7 +24,7 @@ _SQLITE_TRY_MS = 50
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # pg_advisory_xact_lock's key ("backfill" in ASCII); advisory locks are per database.
-_POSTGRES_KEY = 0x6261636B66696C6C
+POSTGRES_KEY = 0x6261636B66696C6C
 
 
 def _refused_after(wait: float) -> DatabaseUnavailable:
@@ -32,6 +32,12 @@ def _refused_after(wait: float) -> DatabaseUnavailable:
         f"another process has been creating or upgrading backfill's tables for over {wait:g} s "
         "(it holds their lock); try again once it is done"
     )
+
+
+def mysql_lock_name(database: str) -> str:
+    """The named lock guarding `database`'s backfill tables (MySQL's names are server-wide and
+    at most 64 characters long)."""
+    return "backfill:" + hashlib.sha1(database.encode()).hexdigest()[:32]
 
 
 class Unneeded(Exception):
@@ -98,7 +104,7 @@ def engine_tables_locked(
                         {"ms": str(max(1, round(wait * 1000)))},
                     )
                     conn.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POSTGRES_KEY}
+                        sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRES_KEY}
                     )
                 except sa.exc.OperationalError as error:
                     raise _refused_after(wait) from error
@@ -106,8 +112,7 @@ def engine_tables_locked(
                 yield conn
         else:  # MySQL, MariaDB
             # Named locks are server-wide: the name says which database's tables it guards.
-            database = conn.execute(sa.text("SELECT DATABASE()")).scalar() or ""
-            name = "backfill:" + hashlib.sha1(database.encode()).hexdigest()[:32]
+            name = mysql_lock_name(conn.execute(sa.text("SELECT DATABASE()")).scalar() or "")
             got = conn.execute(
                 sa.text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": math.ceil(wait)}
             ).scalar()

@@ -2,8 +2,8 @@
 
 Both are built with SQLAlchemy Core (quoting, dialect compilation) once per migration, then sent
 straight to the driver with plain tuples: measured, SQLAlchemy's per-row result and JSON
-processing would cost a third of the run (docs/design.md). The values themselves, decoded for
-the function and encoded back, live in `store.values`.
+processing would cost a third of the run (docs/architecture.md, "Where the time goes"). The
+values themselves, decoded for the function and encoded back, live in `store.values`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,31 @@ Snapshot = tuple[int, int]
 _ROWS_PER_STATEMENT = 5000
 
 
+def keyset_read(
+    select: sa.Select[Any],
+    key: tuple[sa.Column[Any], ...],
+    where: sa.ColumnElement[bool] | None,
+    cursor_given: bool,
+    limit: int,
+    lock: bool,
+    dialect: sa.Dialect,
+) -> Statement:
+    """The next `limit` rows of `select` in `key` order, in the range `where`, after a cursor
+    given as parameters k0, k1, ... (a row comparison for a composite key); locked where the
+    dialect locks when `lock`. Every keyset read of a batch is built here."""
+    names = [f"k{i}" for i in range(len(key))] if cursor_given else []
+    statement = select if where is None else select.where(where)
+    if cursor_given:
+        params = [sa.bindparam(n, type_=c.type) for n, c in zip(names, key, strict=True)]
+        left: Any = key[0] if len(key) == 1 else sa.tuple_(*key)
+        right: Any = params[0] if len(key) == 1 else sa.tuple_(*params)
+        statement = statement.where(left > right)
+    statement = statement.order_by(*[c.asc() for c in key]).limit(limit)
+    if lock and dialect.name in LOCKING:
+        statement = statement.with_for_update()
+    return Statement.compile(statement, dialect, names)
+
+
 class TableScan:
     def __init__(self, engine: sa.Engine, migration: Migration) -> None:
         self.migration = migration
@@ -43,7 +68,6 @@ class TableScan:
         self.json_names = frozenset(c.name for c in table.columns if is_json(c))
         self._range = migration.range
         self._select = sa.select(*self.columns)
-        self._order = [c.asc() for c in migration.key]
         self._reads: dict[tuple[bool, int, bool], Statement] = {}
         self._writes: dict[tuple[str, ...], Statement] = {}
         self._joined: dict[tuple[tuple[str, ...], int], str] = {}
@@ -52,29 +76,18 @@ class TableScan:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _after(self, statement: sa.Select[Any], cursor_given: bool) -> sa.Select[Any]:
-        """`statement` restricted to the migration's range and, if given, to keys after the
-        cursor."""
-        if self._range is not None:
-            statement = statement.where(self._range)
-        if not cursor_given:
-            return statement
-        key = self.migration.key
-        params = [sa.bindparam(f"k{i}", type_=c.type) for i, c in enumerate(key)]
-        if len(key) == 1:
-            return statement.where(key[0] > params[0])
-        return statement.where(sa.tuple_(*key) > sa.tuple_(*params))
-
-    def _key_names(self, cursor_given: bool) -> list[str]:
-        return [f"k{i}" for i in range(self.key_width)] if cursor_given else []
-
     def _read_statement(self, cursor_given: bool, limit: int, lock: bool) -> Statement:
         cached = self._reads.get((cursor_given, limit, lock))
         if cached is None:
-            statement = self._after(self._select, cursor_given).order_by(*self._order).limit(limit)
-            if lock and self.dialect.name in LOCKING:
-                statement = statement.with_for_update()
-            cached = Statement.compile(statement, self.dialect, self._key_names(cursor_given))
+            cached = keyset_read(
+                self._select,
+                self.migration.key,
+                self._range,
+                cursor_given,
+                limit,
+                lock,
+                self.dialect,
+            )
             self._reads[(cursor_given, limit, lock)] = cached
         return cached
 
@@ -116,12 +129,9 @@ class TableScan:
         """SQLite only: some TEXT in this batch is not UTF-8. Read bytes and decode per value,
         so the bad row and field can be named instead of the whole batch failing to fetch."""
         kinds = [sa.func.typeof(c) for c in self.columns]
-        selected = self._after(sa.select(*self.columns, *kinds), cursor is not None)
-        statement = Statement.compile(
-            selected.order_by(*self._order).limit(limit),
-            self.dialect,
-            self._key_names(cursor is not None),
-        )
+        selected = sa.select(*self.columns, *kinds)
+        key, given = self.migration.key, cursor is not None
+        statement = keyset_read(selected, key, self._range, given, limit, False, self.dialect)
         dbapi = driver(conn)
         previous = dbapi.text_factory
         dbapi.text_factory = bytes
@@ -188,7 +198,7 @@ class TableScan:
             )
             for i, column in enumerate(self.migration.key):
                 statement = statement.where(column == sa.bindparam(f"k{i}", type_=column.type))
-            params = [f"v{i}" for i in range(len(names))] + self._key_names(True)
+            params = [f"v{i}" for i in range(len(names))] + [f"k{i}" for i in range(self.key_width)]
             cached = Statement.compile(statement, self.dialect, params)
             self._writes[names] = cached
         return cached

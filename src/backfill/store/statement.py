@@ -1,8 +1,9 @@
 """A SQL statement compiled once by SQLAlchemy and then sent straight to the driver.
 
 The hot statements of a batch skip SQLAlchemy's execution (measured: its per-row result and
-JSON processing cost a third of a run, docs/design.md). A Statement keeps the compiled text and
-the order in which the driver takes its parameters, with the values SQLAlchemy bound itself.
+JSON processing cost a third of a run: docs/architecture.md, "Where the time goes"). A
+Statement keeps the compiled text and the order in which the driver takes its parameters, with
+the values SQLAlchemy bound itself.
 """
 
 from __future__ import annotations

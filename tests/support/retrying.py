@@ -13,7 +13,7 @@ from apps.counting import NAME, create_items, migrations
 from backfill import MigrationStatus, Runner, State
 from backfill.retry import RetryPolicy
 from backfill.store.database import Database, Limits
-from conftest import backfill_command, cli_env
+from support import backfill_command, cli_env
 
 ROWS = 500
 BATCH = 100

@@ -99,6 +99,11 @@ def test_every_earlier_layout_is_upgraded_in_place_and_the_run_resumes(
         ).one()
         runs = conn.execute(sa.text("SELECT id, migration FROM _migration_runs")).all()
     assert generation == 4 and [tuple(r) for r in runs] == [(run_id, NAME)]
+    # The upgraded tables are those a first use creates, column for column.
+    inspector = sa.inspect(engine)
+    for table in tables.metadata.sorted_tables:
+        found = {c["name"] for c in inspector.get_columns(table.name)}
+        assert found == {c.name for c in table.columns}, table.name
     runner.db.dispose()
 
 

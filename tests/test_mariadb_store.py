@@ -197,7 +197,7 @@ def test_engine_tables_bound_the_skipped_row_key_for_the_unique_constraint(maria
         records.record_skipped(conn, "m", skipped[:1], 2.0)  # replaces, never duplicates
     with db.read() as conn:
         assert len(records.skipped_rows(conn, "m")) == 3
-    assert tables.SCHEMA_VERSION == 2
+    assert tables.SCHEMA_VERSION == 3
     db.dispose()
 
 

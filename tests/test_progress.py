@@ -80,6 +80,8 @@ CONTRACT_KEYS = {
     "finished_at",
     "runner",
     "error",
+    "workers",
+    "shards",
 }
 
 
@@ -96,6 +98,8 @@ def test_to_json_has_the_contract_keys_and_times_in_utc_with_z():
     )
     shown = found.to_json()
     assert set(shown) >= CONTRACT_KEYS
+    assert (shown["workers"], shown["shards"]) == (0, [])  # none given: no live holder
+    assert status(workers=1).to_json()["workers"] == 1
     assert shown["state"] == "inProgress"
     assert shown["progress"] == {"processed": 1_234, "total": 5_678, "completed": False}
     assert (shown["changed"], shown["skipped_errors"], shown["batch_size"]) == (1_200, 0, 100)

@@ -56,6 +56,8 @@ class MigrationStatus:
     runner: Identity | None = None
     error: RowError | None = None
     cancel_requested: bool = False
+    # Live lease holders: the runner of a run in progress, 0 when none (workers: issue 10).
+    workers: int = 0
 
     @property
     def completed(self) -> bool:
@@ -102,6 +104,9 @@ class MigrationStatus:
             if self.runner is None
             else {"host": self.runner.host, "pid": self.runner.pid},
             "error": None if self.error is None else self.error.to_json(),
+            "workers": self.workers,
+            # A run's shard plan (store.plan): no run makes one before workers exist.
+            "shards": [],
         }
 
 
@@ -137,4 +142,5 @@ def status_of(record: Record, observed: State) -> MigrationStatus:
         runner=holder,
         error=error,
         cancel_requested=bool(v["cancel_requested"]),
+        workers=1 if observed is State.IN_PROGRESS else 0,
     )

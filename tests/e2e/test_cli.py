@@ -8,7 +8,9 @@ import subprocess
 
 import sqlalchemy as sa
 
-from support import ROOT, backfill_command, cli_env
+from backfill import Runner
+from chat_migrations import migrations
+from support import ROOT, after_each_batch, backfill_command, cli_env
 
 
 def test_demo_then_status_count_verify_and_rerun(cli, sqlite_url):
@@ -182,3 +184,27 @@ def test_a_changed_range_under_a_half_done_run_is_refused_with_how_to_restart(cl
     status = json.loads(cli("status", "fill", "--json", *app, env=narrower).stdout)["fill"]
     assert status["progress"] == {"processed": 29, "total": 29, "completed": True}
     engine.dispose()
+
+
+def test_status_counts_the_live_runner_as_a_worker(cli, sqlite_url):
+    """`workers` is the migration's live lease holders; `shards` lists a run's plan (none
+    without workers)."""
+    seeded = cli("demo", "--messages", "300", "--seed-only", "--yes")
+    assert seeded.returncode == 0, seeded.stderr
+    before = json.loads(cli("status", "body_to_parts", "--json").stdout)["body_to_parts"]
+    assert (before["workers"], before["shards"]) == (0, [])
+
+    runner = Runner(sqlite_url, migrations)
+    during: list[dict[str, object]] = []
+
+    def look(_batch: object) -> None:
+        during.append(runner.status()["body_to_parts"].to_json())
+
+    runner.run(["body_to_parts"], batch_size=100, listeners=[after_each_batch(look)])
+    runner.db.dispose()
+    # Three full batches, then the empty last one that records success.
+    assert [(d["state"], d["workers"]) for d in during] == [("inProgress", 1)] * 3 + [
+        ("success", 0)
+    ]
+    after = json.loads(cli("status", "body_to_parts", "--json").stdout)["body_to_parts"]
+    assert (after["state"], after["workers"], after["shards"]) == ("success", 0, [])

@@ -63,8 +63,23 @@ def layout_1(metadata: sa.MetaData) -> None:
     )
 
 
+def layout_2(metadata: sa.MetaData) -> None:
+    """issue 9: layout 1, `_migrations.run_id` and `_migration_runs`."""
+    layout_1(metadata)
+    metadata.tables["_migrations"].append_column(sa.Column("run_id", sa.Integer))
+    sa.Table(
+        "_migration_runs",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("migration", sa.String(200), nullable=False),
+        sa.Column("started_at", sa.Double, nullable=False),
+        sa.Column("runner_host", sa.String(255)),
+        sa.Column("runner_pid", sa.Integer),
+    )
+
+
 # version -> how to declare that layout's tables.
-LAYOUTS: dict[int, Callable[[sa.MetaData], None]] = {1: layout_1}
+LAYOUTS: dict[int, Callable[[sa.MetaData], None]] = {1: layout_1, 2: layout_2}
 
 
 def create_layout(engine: sa.Engine, version: int) -> None:

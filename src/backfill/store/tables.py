@@ -17,8 +17,10 @@ from backfill.errors import Refused, SchemaMismatch
 from backfill.store.dialects import READ_ONLY
 from backfill.store.locks import Unneeded, engine_tables_locked
 
-# The layouts so far: 1, the first; 2 adds `_migration_runs` and `_migrations.run_id`.
-SCHEMA_VERSION = 2
+# The layouts so far: 1, the first; 2 adds `_migration_runs` and `_migrations.run_id`; 3 adds
+# `_migration_shards`. An upgrade step creates a table as it was at the step's own version: when
+# a later layout changes a table, freeze that table's earlier definition for the earlier step.
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -74,6 +76,31 @@ migration_runs = sa.Table(
     sa.Column("runner_pid", sa.Integer),
 )
 
+# A run's plan, when it has one (workers): one row per range shard of the migration's key, with
+# its own cursor, lease and counters (the run's are their sums). `lo` is exclusive and `hi`
+# inclusive, both keys as JSON lists; the first shard has no `lo`, the last no `hi` (it walks to
+# the table's current end).
+migration_shards = sa.Table(
+    "_migration_shards",
+    metadata,
+    sa.Column("migration", sa.String(200), primary_key=True),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("lo", sa.Text),
+    sa.Column("hi", sa.Text),
+    sa.Column("cursor", sa.Text),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, default=0),
+    sa.Column("runner_host", sa.String(255)),
+    sa.Column("runner_pid", sa.Integer),
+    sa.Column("heartbeat_at", sa.Double),
+    sa.Column("released_at", sa.Double),
+    sa.Column("processed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("changed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("skipped_errors", sa.BigInteger, nullable=False, default=0),
+    sa.Column("kept", sa.BigInteger, nullable=False, default=0),
+    sa.Column("run_id", sa.Integer),
+)
+
 migration_errors = sa.Table(
     "_migration_errors",
     metadata,
@@ -105,8 +132,12 @@ def _upgrade_to_2(conn: sa.Connection) -> None:
     migration_runs.create(conn, checkfirst=True)
 
 
+def _upgrade_to_3(conn: sa.Connection) -> None:
+    migration_shards.create(conn, checkfirst=True)
+
+
 # version -> the step that upgrades the layout before it to it.
-UPGRADES: dict[int, Callable[[sa.Connection], None]] = {2: _upgrade_to_2}
+UPGRADES: dict[int, Callable[[sa.Connection], None]] = {2: _upgrade_to_2, 3: _upgrade_to_3}
 
 
 def layout(conn: sa.Connection) -> int | None:

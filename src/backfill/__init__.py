@@ -29,7 +29,8 @@ from backfill.errors import (
 from backfill.progress import MigrationStatus, RowError
 from backfill.registry import Migrations
 from backfill.retry import RetriesExhausted, RetryPolicy, Transient
-from backfill.runner import Runner, RunResult
+from backfill.run import RunResult
+from backfill.runner import Runner
 from backfill.state import State
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON

@@ -1,72 +1,41 @@
 """The Runner: run, status, cancel, count, verify and reset migrations against one database.
 
-This is the Python API the CLI and the tests share. It returns values and emits progress events;
-it prints nothing and knows nothing of Rich or click.
+This is the Python API the CLI and the tests share, one method per verb (a run of one migration
+is `backfill.run`'s). It returns values and emits events; it prints nothing and knows nothing of
+Rich or click.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import Batches
 from backfill.decision import OnError
 from backfill.definition import Migration
-from backfill.dry_run import DryRun, rehearse
-from backfill.errors import BackfillError, GateClosed, LeaseLost, RowFailed, SchemaMismatch
+from backfill.dry_run import rehearse
+from backfill.errors import GateClosed
 from backfill.events import (
-    BatchCommitted,
     Emitter,
     Listener,
-    RunError,
-    RunFinished,
-    RunStarted,
     StateChanged,
-    shown_key,
 )
 from backfill.pacing import wall_clock
 from backfill.progress import MigrationStatus, status_of
 from backfill.registry import Migrations
+from backfill.run import Run, RunResult
 from backfill.state import State
-from backfill.stop_signals import StopSignals
 from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.expression import declared_change
 from backfill.store.inspection import check_table, reflect_table
-from backfill.store.scan import describe_scan, scan_descriptor
 from backfill.types import Clock, Identity
 from backfill.verification import SAMPLE_IDS, Verification, verify
-
-
-@dataclass(frozen=True)
-class RunResult:
-    name: str
-    status: MigrationStatus
-    already_done: bool = False
-    error: RowFailed | retry.RetriesExhausted | None = None
-    dry_run: DryRun | None = None
-
-    @property
-    def state(self) -> State:
-        return self.status.state
-
-    @property
-    def exit_code(self) -> int:
-        """The contract's: 1 failed on a row, 4 the database kept failing, 3 canceled, else 0."""
-        if self.error is not None:
-            return self.error.exit_code
-        if self.state is State.FAILED:
-            return 1
-        return 3 if self.state is State.CANCELED else 0
 
 
 class Runner:
@@ -290,160 +259,23 @@ class Runner:
         *,
         sql: bool = True,
     ) -> RunResult:
-        name = migration.name
-        scan_id = scan_descriptor(migration, self.db.engine.dialect)
-        if not restart:
-            self._refuse_other_scan(migration, scan_id)
-        total, estimated = self.db.total_rows(migration.table, migration.range)
-        claim = leases.enter(
+        run = Run(
             self.db,
-            name,
-            now=self.clock(),
-            lease=self.lease_seconds,
+            migration,
+            clock=self.clock,
+            lease_seconds=self.lease_seconds,
             me=self.me,
-            restart=restart,
-            scan=scan_id,
-            total=total,
-            total_is_estimate=estimated,
-            batch_size=size,
+            retry_policy=self.retry_policy,
+            sleep=self.sleep,
+            emit=emit,
+            status=lambda name: self.status([name])[name],
+            observed=self._observed,
         )
-        if claim is None:
-            return RunResult(name, self.status([name])[name], already_done=True)
-        record = claim.record
-        now = self.clock()
-        emit(StateChanged(name, now, str(claim.source), str(State.IN_PROGRESS)))
-        emit(RunStarted(name, now, claim.run_id, 1, record["total"], record["processed"]))
-        interval = max(self.lease_seconds / 3, 0.05)
-        try:
-            with (
-                leases.Heartbeat(self.db, name, claim.generation, interval, self.clock) as beat,
-                StopSignals() as signals,
-                Batches(
-                    self.db, migration, claim.generation, record, size, policy, self.clock, sql=sql
-                ) as batches,
-            ):
-                result = self._loop(name, claim.generation, batches, pause, emit, beat, signals)
-        except BackfillError as error:
-            emit(
-                RunFinished(
-                    name, self.clock(), self._state_now(name), error.exit_code, claim.run_id
-                )
-            )
-            raise
-        state = str(result.state)
-        emit(RunFinished(name, self.clock(), state, result.exit_code, claim.run_id))
-        return result
-
-    def _state_now(self, name: str) -> str | None:
-        """The migration's state as observed now, or None when the database cannot say."""
-        try:
-            return str(self.status([name])[name].state)
-        except BackfillError:
-            return None
-
-    def _refuse_other_scan(self, migration: Migration, scan_id: str) -> None:
-        """A half-done migration whose table, key or range changed since its cursor was saved
-        cannot resume: the cursor is a position in the old scan."""
-        name = migration.name
-        with self.db.read() as conn:
-            record = records.load(conn, name)
-        if record is None or record.cursor is None or record["scan"] in (None, scan_id):
-            return
-        if self._observed(record) in (State.SUCCESS, State.PENDING):
-            return
-        raise SchemaMismatch(
-            f"migration {name!r} is half done ({record['processed']} rows) over "
-            f"{describe_scan(record['scan'])}, but is now defined over "
-            f"{describe_scan(scan_id)}; its cursor cannot move to another range or key. "
-            f"Start it again from the beginning with `backfill run {name} --restart` "
-            f"(or `backfill reset {name}`), or restore the old definition to finish it"
-        )
-
-    def _loop(
-        self,
-        name: str,
-        generation: int,
-        batches: Batches,
-        pause: float,
-        emit: Emitter,
-        heartbeat: leases.Heartbeat,
-        signals: StopSignals,
-    ) -> RunResult:
-        while True:
-            if heartbeat.lost.is_set():
-                raise LeaseLost(name)
-            if signals.received is not None:
-                return self._finish(name, generation, State.CANCELED, emit)
-            try:
-                batch = retry.call(
-                    batches.next,
-                    migration=name,
-                    policy=self.retry_policy,
-                    classify=self.db.transient,
-                    recover=batches.recover,
-                    sleep=self.sleep,
-                    on_retry=partial(retry.log_retry, name, self.retry_policy.attempts),
-                )
-            except (retry.RetriesExhausted, RowFailed) as failure:
-                # A row at fault names its id and field; exhausted retries name only the cause.
-                row = failure if isinstance(failure, RowFailed) else None
-                emit(
-                    RunError(
-                        name,
-                        self.clock(),
-                        failure.message,
-                        failure.error_type,
-                        None if row is None else row.row_id,
-                        None if row is None else row.field,
-                    )
-                )
-                self._finish(
-                    name,
-                    generation,
-                    State.FAILED,
-                    emit,
-                    error_message=failure.message,
-                    error_type=failure.error_type,
-                    error_row_id=None if row is None else json.dumps(row.row_id, default=str),
-                    error_field=None if row is None else row.field,
-                )
-                return RunResult(name, self.status([name])[name], error=failure)
-            if batch is None:
-                return self._finish(name, generation, State.CANCELED, emit)
-            # From what this run just committed: a status query per batch cost as much as the
-            # batch's own bookkeeping.
-            status = batches.status()
-            emit(
-                BatchCommitted(
-                    name,
-                    self.clock(),
-                    None,
-                    shown_key(batch.first_key),
-                    shown_key(batch.last_key),
-                    batch.rows_read,
-                    batch.rows_changed,
-                    round(batch.seconds, 6),
-                    batch.batch_size,
-                    status.processed,
-                    status.total,
-                )
-            )
-            if batch.done:
-                emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(State.SUCCESS)))
-                return RunResult(name, self.status([name])[name])
-            if pause > 0:
-                time.sleep(pause)
-
-    def _finish(
-        self, name: str, generation: int, target: State, emit: Emitter, **values: Any
-    ) -> RunResult:
-        leases.leave(self.db, name, generation, target, self.clock(), **values)
-        emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(target)))
-        return RunResult(name, self.status([name])[name])
+        return run.start(size, restart, policy, pause, sql=sql)
 
 
 def _rounded(age: timedelta) -> timedelta:
     return timedelta(seconds=round(age.total_seconds()))
 
 
-__all__ = ["RunResult", "Runner"]
+__all__ = ["Runner"]

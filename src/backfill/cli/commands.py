@@ -18,7 +18,7 @@ from backfill.cli.options import current, global_options
 from backfill.decision import OnError
 from backfill.errors import Refused, RowFailed
 from backfill.events import JsonLines, Listener
-from backfill.runner import RunResult
+from backfill.run import RunResult
 from backfill.state import State
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

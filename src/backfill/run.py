@@ -84,8 +84,9 @@ class Run:
     def start(
         self, size: int, restart: bool, policy: OnError, pause: float, *, sql: bool = True
     ) -> RunResult:
-        """Claim the migration (None of it when it already succeeded and no restart), then run
-        its batches; a RunResult, or the error that ended the run (after its run_finished)."""
+        """Claim the migration and run its batches: a RunResult (`already_done` when it had
+        succeeded and no restart was asked for), or the error that ended the run, raised after
+        its run_finished event."""
         migration, name, emit = self.migration, self.name, self.emit
         scan_id = scan_descriptor(migration, self.db.engine.dialect)
         if not restart:

@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 from backfill import Migrations
 from backfill.definition import Migration
 from backfill.store import plan as plans
+from backfill.store import shards as kept
 from backfill.store.database import Database, driver
 from backfill.store.statement import Statement
 
@@ -73,14 +74,14 @@ def migration_over(table: sa.Table, **options: Any):
 
 def rows_in(conn: sa.Connection, migration: Migration, shard: plans.Shard) -> int:
     """The rows of the migration's range in `shard`, counted by the database."""
-    predicate, names, values = plans.within(migration.key, shard)
-    counted = sa.select(sa.func.count()).select_from(migration.table).where(predicate)
-    if migration.range is not None:
-        counted = counted.where(migration.range)
-    statement = Statement.compile(counted, conn.dialect, names)
+    scoped = plans.bounded(migration, shard.lo, shard.hi)
+    counted = sa.select(sa.func.count()).select_from(migration.table)
+    if scoped.range is not None:
+        counted = counted.where(scoped.range)
+    statement = Statement.compile(counted, conn.dialect, [])
     raw = driver(conn).cursor()
     try:
-        raw.execute(statement.sql, statement.params(values))
+        raw.execute(statement.sql, statement.params(()))
         return int(raw.fetchone()[0])
     finally:
         raw.close()
@@ -126,12 +127,22 @@ def test_a_plan_is_kept_and_read_back_as_it_was(db):
     migration = migration_over(by_uuid)
     with db.write() as conn:
         shards = plans.plan(conn, migration, 8)
-        plans.record_plan(conn, "m", shards, run_id=3)
+        kept.record_plan(conn, "m", shards, run_id=3)
     with db.read() as conn:
-        again = plans.load_plan(conn, "m")
-        assert plans.load_plan(conn, "other") == []
+        again = [s.bounds for s in kept.load(conn, "m")]
+        assert kept.load(conn, "other") == ()
         # Keys come back as stored (JSON lists of what the driver gave): the same rows.
         assert [rows_in(conn, migration, s) for s in again] == [
             rows_in(conn, migration, s) for s in shards
         ]
         assert sum(rows_in(conn, migration, s) for s in again) == ROWS
+
+
+def test_a_plan_after_a_cursor_covers_only_the_rows_after_it(db):
+    migration = migration_over(by_pair)
+    with db.read() as conn:
+        whole = plans.plan(conn, migration, 4)
+        rest = plans.plan(conn, migration, 4, after=whole[1].hi)
+        counts = [rows_in(conn, migration, s) for s in rest]
+    assert rest[0].lo == whole[1].hi and rest[-1].hi is None
+    assert sum(counts) == ROWS // 2 + (ROWS % 2) and max(counts) - min(counts) <= 1, counts

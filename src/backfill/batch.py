@@ -20,11 +20,12 @@ stand, else does it again. The runner drives the loop (lease, signals, events, p
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -64,8 +65,7 @@ class Batches:
         self,
         db: Database,
         migration: Migration,
-        generation: int,
-        record: records.Record,
+        position: Position,
         size: int,
         policy: OnError,
         clock: Clock,
@@ -79,8 +79,8 @@ class Batches:
         self.clock = clock
         self.scan = TableScan(db.engine, migration)
         self.decider = Decider(db, migration, self.scan)
-        self.ledger = records.Ledger(db.engine.dialect, migration.name, generation)
-        self.progress = _Progress(record)
+        self.position = position
+        self.progress = _Progress(position.start)
         # The migration's declared SQL for this dialect, unless the run asked for Python only.
         self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
         # Reading ahead on the Python path: not where batches are decided in the database (a
@@ -113,8 +113,13 @@ class Batches:
         self._stack.close()
 
     def status(self) -> MigrationStatus:
-        """As of the last commit of this run, without asking the database."""
+        """As of the last commit of this run, without asking the database (one runner's)."""
         return status_of(records.Record(self.progress.values), State.IN_PROGRESS)
+
+    @property
+    def processed(self) -> int:
+        """Rows processed where these batches keep their counters, as last committed."""
+        return int(self.progress.values["processed"])
 
     def next(self) -> Batch | None:
         """One transaction: rows, changes, skipped rows and the cursor commit together, and only
@@ -160,11 +165,8 @@ class Batches:
         )
 
     def _stop_requested(self, conn: sa.Connection) -> bool:
-        """Whether a cancel was requested; LeaseLost when the migration is no longer ours."""
-        owned, cancel_requested = self.ledger.check(conn)
-        if not owned:
-            raise LeaseLost(self.migration.name)
-        return cancel_requested
+        """Whether a stop was requested; LeaseLost when the batches are no longer ours."""
+        return self.position.stop_requested(conn)
 
     def _decide(
         self, conn: sa.Connection, in_database: SqlBatch | None
@@ -205,26 +207,14 @@ class Batches:
 
     def _advance(self, conn: sa.Connection, outcome: Outcome) -> tuple[dict[str, Any], bool]:
         """Skipped rows, cursor and counters, under the generation check; the last batch (fewer
-        rows than asked for) records `success` through the transition table."""
+        rows than asked for) ends the range: `success` through the transition table."""
         name, now = self.migration.name, self.clock()
         records.record_skipped(
             conn, name, [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped], now
         )
         values = self.progress.after(outcome)
-        values.update(updated_at=now, heartbeat_at=now)
         done = outcome.processed < self.size
-        if done:
-            values.update(finished_at=now, heartbeat_at=None)
-            records.transition(
-                conn,
-                name,
-                at_generation=self.ledger.generation,
-                source=State.IN_PROGRESS,
-                target=State.SUCCESS,
-                **values,
-            )
-        elif not self.ledger.advance(conn, values):
-            raise LeaseLost(name)
+        self.position.advance(conn, values, done, now)
         return values, done
 
     def _write_and_commit(
@@ -264,22 +254,91 @@ class Batches:
         if transient.shrink:
             self.size = max(1, self.size // 2)
         with self._conn.begin():
-            record = records.load(self._conn, self.migration.name)
+            self.progress = _Progress(self.position.reload(self._conn))
+
+
+class Stored(Protocol):
+    """Where a position keeps a run's progress: its cursor and counters, as last committed."""
+
+    @property
+    def values(self) -> Mapping[str, Any]: ...
+
+    @property
+    def cursor(self) -> Key | None: ...
+
+
+class Position(Protocol):
+    """Where batches keep their cursor and counters, and who may advance them: the migration's
+    own row for one runner (`MigrationPosition`), or a shard's for a worker
+    (`backfill.worker.ShardPosition`)."""
+
+    @property
+    def start(self) -> Stored:
+        """The progress the batches start from."""
+        ...
+
+    def stop_requested(self, conn: sa.Connection) -> bool:
+        """Whether to stop before this batch; LeaseLost when the batches are no longer ours."""
+        ...
+
+    def advance(self, conn: sa.Connection, values: dict[str, Any], done: bool, now: float) -> None:
+        """Record the batch's cursor and counters (`values`; `done`: its range is exhausted),
+        in the batch's transaction, only while still ours: else LeaseLost."""
+        ...
+
+    def reload(self, conn: sa.Connection) -> Stored:
+        """The progress as committed (after an error whose outcome is unknown); LeaseLost when
+        no longer ours."""
+        ...
+
+
+class MigrationPosition:
+    """One runner's batches: the cursor and counters on the migration's `_migrations` row,
+    under the generation the runner claimed (records.Ledger)."""
+
+    def __init__(self, db: Database, record: records.Record) -> None:
+        self.name = str(record["name"])
+        self.start: Stored = record
+        self.ledger = records.Ledger(db.engine.dialect, self.name, record.generation)
+
+    def stop_requested(self, conn: sa.Connection) -> bool:
+        owned, cancel_requested = self.ledger.check(conn)
+        if not owned:
+            raise LeaseLost(self.name)
+        return cancel_requested
+
+    def advance(self, conn: sa.Connection, values: dict[str, Any], done: bool, now: float) -> None:
+        values.update(updated_at=now, heartbeat_at=now)
+        if done:
+            values.update(finished_at=now, heartbeat_at=None)
+            records.transition(
+                conn,
+                self.name,
+                at_generation=self.ledger.generation,
+                source=State.IN_PROGRESS,
+                target=State.SUCCESS,
+                **values,
+            )
+        elif not self.ledger.advance(conn, values):
+            raise LeaseLost(self.name)
+
+    def reload(self, conn: sa.Connection) -> Stored:
+        record = records.load(conn, self.name)
         if (
             record is None
             or record.generation != self.ledger.generation
             or record.state is not State.IN_PROGRESS
         ):
-            raise LeaseLost(self.migration.name)
-        self.progress = _Progress(record)
+            raise LeaseLost(self.name)
+        return record
 
 
 class _Progress:
-    """The run's `_migrations` row as last committed; `after` proposes the next values."""
+    """The batches' progress as last committed; `after` proposes the next values."""
 
-    def __init__(self, record: records.Record) -> None:
-        self.values = dict(record.values)
-        self.cursor: Key | None = record.cursor
+    def __init__(self, stored: Stored) -> None:
+        self.values = dict(stored.values)
+        self.cursor: Key | None = stored.cursor
 
     def after(self, outcome: Outcome) -> dict[str, Any]:
         v = self.values

@@ -64,7 +64,11 @@ def rehearse(
         # application behind it either.
         transaction = db.begin_batch(conn)
         try:
-            record = records.load(conn, migration.name) if records.tables_exist(conn) else None
+            record = (
+                records.load(conn, migration.name, with_plan=False)
+                if records.tables_exist(conn)
+                else None
+            )
             cursor = record.cursor if record and observed(record) is not State.SUCCESS else None
             rows_seen = changed = skipped = kept = done_batches = 0
             samples: list[Sample] = []

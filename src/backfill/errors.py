@@ -19,6 +19,7 @@ Nor are the internal `store.expression.Rejected` (a batch the SQL path hands to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -58,9 +59,20 @@ class LeaseHeld(Refused):
     """Raised by `Runner.run` and `Runner.reset` (lease.enter, records.transition) when a live
     runner holds the migration."""
 
-    def __init__(self, migration: str, host: str | None, pid: int | None) -> None:
+    def __init__(
+        self,
+        migration: str,
+        host: str | None,
+        pid: int | None,
+        others: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """`host` and `pid` name the holder (the first, for a run with workers; `others` are
+        the rest)."""
+        holders = [(host, pid), *others]
+        named = ", ".join(f"host {h}, pid {p}" for h, p in holders)
+        who = f"a live runner ({named})" if len(holders) == 1 else f"live workers ({named})"
         super().__init__(
-            f"migration {migration!r} is being run by a live runner (host {host}, pid {pid}); "
+            f"migration {migration!r} is being run by {who}; "
             "wait for it, or stop it with `backfill cancel`"
         )
         self.host = host

@@ -7,35 +7,24 @@ generation in the same transaction) is refused: a revived zombie can write nothi
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from backfill.errors import LeaseHeld
-from backfill.state import State
-from backfill.store import records
+import sqlalchemy as sa
+
+from backfill.errors import LeaseHeld, Refused
+from backfill.state import ShardState, State
+from backfill.store import records, shards
 from backfill.store.database import Database
+from backfill.store.plan import Shard
 from backfill.store.records import Record
-from backfill.types import Clock, Identity
+from backfill.types import Clock, Identity, Key, Liveness, process_alive
+
+# Makes a run's plan, in its claim's transaction: the range after a cursor (None: all of it).
+Planner = Callable[[sa.Connection, Key | None], list[Shard]]
 
 DEFAULT_LEASE_SECONDS = 30.0
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed process its parent has not reaped yet still answers kill(0): look at /proc.
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def observed_state(
@@ -47,23 +36,48 @@ def observed_state(
 ) -> State:
     """The state as people see it: a stored inProgress whose runner is gone is interrupted:
     its heartbeat is older than `lease` seconds, or it ran on this host and `alive(pid)` says
-    its process is gone."""
+    its process is gone. A run with a plan (workers) is in progress while its runner (who
+    claimed it) is, or a shard is held by a live worker, or one was let go less than `lease`
+    seconds ago (the steps of a job queue, one after another, are one run)."""
     if record is None:
         return State.PENDING
     stored = record.state
     if stored is not State.IN_PROGRESS:
         return stored
-    heartbeat = record["heartbeat_at"]
-    if heartbeat is None or now - heartbeat > lease:
-        return State.INTERRUPTED
-    if record["runner_host"] == here.host and not alive(record["runner_pid"]):
-        return State.INTERRUPTED
-    return State.IN_PROGRESS
+    if live_holders(record, Liveness(now, lease, here, alive)):
+        return State.IN_PROGRESS
+    if any(Liveness(now, lease, here, alive).recent(s["released_at"]) for s in record.plan):
+        return State.IN_PROGRESS
+    return State.INTERRUPTED
 
 
-def refuse_if_live(name: str, record: Record | None, observed: State) -> None:
-    if observed is State.IN_PROGRESS and record is not None:
+def live_holders(record: Record, seen: Liveness) -> list[Identity]:
+    """Who holds the migration and is alive: its runner, and the workers holding its shards."""
+    found: list[Identity] = []
+    if seen.holds(record["heartbeat_at"], record["runner_host"], record["runner_pid"]):
+        found.append(Identity(record["runner_host"], record["runner_pid"]))
+    for shard in record.plan:
+        holder = shard.holder
+        if shards.observed(shard, seen) is ShardState.IN_PROGRESS and holder not in found:
+            assert holder is not None
+            found.append(holder)
+    return found
+
+
+def refuse_if_live(
+    name: str,
+    record: Record | None,
+    observed: State,
+    seen: Liveness | None = None,
+) -> None:
+    """LeaseHeld naming the live holders when the migration is observed in progress."""
+    if observed is not State.IN_PROGRESS or record is None:
+        return
+    holders = [] if seen is None else live_holders(record, seen)
+    if not holders:
         raise LeaseHeld(name, record["runner_host"], record["runner_pid"])
+    first, *rest = holders
+    raise LeaseHeld(name, first.host, first.pid, [(h.host, h.pid) for h in rest])
 
 
 def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Identity) -> None:
@@ -74,7 +88,7 @@ def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Ide
     batches): a refusal must not wait for the write lock. Callers check again under it."""
     with db.read() as conn:
         record = records.load(conn, name)
-    refuse_if_live(name, record, observed_state(record, now, lease, me))
+    refuse_if_live(name, record, observed_state(record, now, lease, me), Liveness(now, lease, me))
 
 
 @dataclass(frozen=True)
@@ -105,11 +119,18 @@ def enter(
     total: int | None,
     batch_size: int,
     total_is_estimate: bool = False,
+    planner: Planner | None = None,
 ) -> Claim | None:
     """Claim the migration for this runner, in one transaction: a new generation and a new run
     (its `run_id`). None when it already succeeded and no restart.
     Two claimants at the same instant: one wins the compare-and-set of `records.transition`,
-    the other gets LeaseHeld naming it, and its transaction leaves nothing behind."""
+    the other gets LeaseHeld naming it, and its transaction leaves nothing behind.
+
+    With a `planner` (a run with workers) the run has a plan: a run from the beginning, or one
+    resuming a run without a plan (after its cursor), gets a plan from `planner(conn, cursor)`;
+    a run resuming one with a plan frees its unfinished shards, cursors kept. Without one, a
+    run from the beginning drops an old plan; a plan with shards left is the workers' to
+    finish (Runner.run hands such a run to them)."""
 
     def refuse_if_taken() -> None:
         refuse_if_held(db, name, now=now, lease=lease, me=me)
@@ -118,10 +139,16 @@ def enter(
     with db.write(meanwhile=refuse_if_taken) as conn:
         record = records.ensure_record(conn, name)
         observed = observed_state(record, now, lease, me)
-        refuse_if_live(name, record, observed)
+        refuse_if_live(name, record, observed, Liveness(now, lease, me))
         if observed is State.SUCCESS and not restart:
             return None
-        fresh = restart or observed is State.PENDING or record.cursor is None
+        fresh = restart or observed is State.PENDING or (record.cursor is None and not record.plan)
+        if not fresh and planner is None and unfinished(record):
+            raise Refused(f"migration {name!r} has shards left: resume it with `backfill worker`")
+        done_before = {c: record[c] for c in shards.COUNTERS}
+        if not fresh:
+            done_before = {c: v + shards.sums(record.plan)[c] for c, v in done_before.items()}
+        run_id = records.start_run(conn, name, now, me.host, me.pid)
         values: dict[str, object] = {}
         if fresh:
             values.update(
@@ -130,13 +157,13 @@ def enter(
         values.update(
             scan=scan,
             generation=record.generation + 1,
-            run_id=records.start_run(conn, name, now, me.host, me.pid),
+            run_id=run_id,
             runner_host=me.host,
             runner_pid=me.pid,
             heartbeat_at=now,
             updated_at=now,
             run_started_at=now,
-            run_processed_start=0 if fresh else record["processed"],
+            run_processed_start=0 if fresh else done_before["processed"],
             finished_at=None,
             cancel_requested=False,
             error_message=None,
@@ -157,9 +184,21 @@ def enter(
         )
         if fresh:
             records.forget_skipped(conn, name)
+            shards.forget(conn, name)
+        if planner is not None and not (record.plan and not fresh):
+            shards.record_plan(conn, name, planner(conn, None if fresh else record.cursor), run_id)
+        elif planner is not None and not shards.free_unfinished(
+            conn, name, run_id, Liveness(now, lease, me)
+        ):
+            raise Refused(f"migration {name!r} changed meanwhile; nothing was done, try again")
         claimed = records.load(conn, name)
         assert claimed is not None
         return Claim(claimed, observed)
+
+
+def unfinished(record: Record) -> bool:
+    """The migration has a plan with shards not done."""
+    return any(s.state is not ShardState.DONE for s in record.plan)
 
 
 def leave(

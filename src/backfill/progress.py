@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from backfill.state import State
+from backfill.state import ShardState, State
 from backfill.store.records import Record
-from backfill.types import Identity
+from backfill.store.shards import COUNTERS
+from backfill.types import Identity, Key, row_id
 
 
 def iso(seconds: float | None) -> str | None:
@@ -37,6 +39,38 @@ class RowError:
 
 
 @dataclass(frozen=True)
+class ShardStatus:
+    """One range shard of a run with workers (the contract's shape; keys as `row_id`)."""
+
+    id: int
+    lo: Key | None
+    hi: Key | None
+    cursor: Key | None
+    state: ShardState
+    runner: Identity | None
+    processed: int
+    changed: int
+    heartbeat_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        def shown(key: Key | None) -> Any:
+            return None if key is None else row_id(key)
+
+        return {
+            "id": self.id,
+            "range": [shown(self.lo), shown(self.hi)],
+            "cursor": shown(self.cursor),
+            "state": str(self.state),
+            "runner": None
+            if self.runner is None
+            else {"host": self.runner.host, "pid": self.runner.pid},
+            "processed": self.processed,
+            "changed": self.changed,
+            "heartbeat_at": iso(self.heartbeat_at),
+        }
+
+
+@dataclass(frozen=True)
 class MigrationStatus:
     name: str
     state: State
@@ -56,8 +90,10 @@ class MigrationStatus:
     runner: Identity | None = None
     error: RowError | None = None
     cancel_requested: bool = False
-    # Live lease holders: the runner of a run in progress, 0 when none (workers: issue 10).
+    # Live lease holders: the runner of a run in progress, or the workers holding its shards.
     workers: int = 0
+    # The shards of its run's plan (a run with workers); empty without one.
+    shards: tuple[ShardStatus, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -105,14 +141,20 @@ class MigrationStatus:
             else {"host": self.runner.host, "pid": self.runner.pid},
             "error": None if self.error is None else self.error.to_json(),
             "workers": self.workers,
-            # A run's shard plan (store.plan): no run makes one before workers exist.
-            "shards": [],
+            "shards": [shard.to_json() for shard in self.shards],
         }
 
 
-def status_of(record: Record, observed: State) -> MigrationStatus:
+def status_of(
+    record: Record,
+    observed: State,
+    holders: Sequence[Identity] | None = None,
+    shard_states: Sequence[ShardState] = (),
+) -> MigrationStatus:
     """The report of a stored `_migrations` row, in the state as people see it (`observed`:
-    `interrupted` for a stored inProgress whose runner is gone)."""
+    `interrupted` for a stored inProgress whose runner is gone). A run with a plan adds its
+    shards' counters (summed on read) and its shards, each in `shard_states` (as observed);
+    `holders` are its live lease holders (default: its runner, while in progress)."""
     v = record.values
     live = observed in (State.IN_PROGRESS, State.INTERRUPTED)
     error = None
@@ -123,24 +165,49 @@ def status_of(record: Record, observed: State) -> MigrationStatus:
             row_id=None if v["error_row_id"] is None else json.loads(v["error_row_id"]),
             field=v["error_field"],
         )
-    holder = Identity(v["runner_host"], v["runner_pid"]) if live and v["runner_host"] else None
+    runner = Identity(v["runner_host"], v["runner_pid"]) if live and v["runner_host"] else None
+    if holders is None:
+        holders = [runner] if runner is not None and observed is State.IN_PROGRESS else []
+    counters = {c: int(v[c]) for c in COUNTERS}
+    updated = [v["updated_at"]]
+    for shard in record.plan:
+        for c in COUNTERS:
+            counters[c] += int(shard[c])
+        updated += [shard["heartbeat_at"], shard["released_at"]]
+    plan = tuple(
+        ShardStatus(
+            s.id,
+            s.bounds.lo,
+            s.bounds.hi,
+            s.cursor,
+            state,
+            s.holder if state in (ShardState.IN_PROGRESS, ShardState.INTERRUPTED) else None,
+            int(s["processed"]),
+            int(s["changed"]),
+            s["heartbeat_at"],
+        )
+        for s, state in zip(
+            record.plan, shard_states or [s.state for s in record.plan], strict=True
+        )
+    )
     return MigrationStatus(
         name=v["name"],
         state=observed,
-        processed=v["processed"],
+        processed=counters["processed"],
         total=v["total"],
-        changed=v["changed"],
-        skipped_errors=v["skipped_errors"],
-        kept=v["kept"],
+        changed=counters["changed"],
+        skipped_errors=counters["skipped_errors"],
+        kept=counters["kept"],
         total_is_estimate=bool(v["total_is_estimate"]),
         batch_size=v["batch_size"],
         started_at=v["started_at"],
-        updated_at=v["updated_at"],
+        updated_at=max((t for t in updated if t is not None), default=None),
         finished_at=v["finished_at"],
         run_started_at=v["run_started_at"],
         run_processed_start=v["run_processed_start"] or 0,
-        runner=holder,
+        runner=holders[0] if holders else (runner if observed is State.INTERRUPTED else None),
         error=error,
         cancel_requested=bool(v["cancel_requested"]),
-        workers=1 if observed is State.IN_PROGRESS else 0,
+        workers=len(holders),
+        shards=plan,
     )

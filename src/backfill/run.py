@@ -14,7 +14,7 @@ from typing import Any
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import Batches
+from backfill.batch import Batches, MigrationPosition
 from backfill.decision import OnError
 from backfill.definition import Migration
 from backfill.dry_run import DryRun
@@ -88,22 +88,7 @@ class Run:
         succeeded and no restart was asked for), or the error that ended the run, raised after
         its run_finished event."""
         migration, name, emit = self.migration, self.name, self.emit
-        scan_id = scan_descriptor(migration, self.db.engine.dialect)
-        if not restart:
-            self._refuse_other_scan(scan_id)
-        total, estimated = self.db.total_rows(migration.table, migration.range)
-        claim = leases.enter(
-            self.db,
-            name,
-            now=self.clock(),
-            lease=self.lease_seconds,
-            me=self.me,
-            restart=restart,
-            scan=scan_id,
-            total=total,
-            total_is_estimate=estimated,
-            batch_size=size,
-        )
+        claim = self.claim(size, restart)
         if claim is None:
             return RunResult(name, self._status(name), already_done=True)
         record = claim.record
@@ -116,7 +101,13 @@ class Run:
                 leases.Heartbeat(self.db, name, claim.generation, interval, self.clock) as beat,
                 StopSignals() as signals,
                 Batches(
-                    self.db, migration, claim.generation, record, size, policy, self.clock, sql=sql
+                    self.db,
+                    migration,
+                    MigrationPosition(self.db, record),
+                    size,
+                    policy,
+                    self.clock,
+                    sql=sql,
                 ) as batches,
             ):
                 result = self._loop(claim.generation, batches, pause, beat, signals)
@@ -126,6 +117,30 @@ class Run:
         state = str(result.state)
         emit(RunFinished(name, self.clock(), state, result.exit_code, claim.run_id))
         return result
+
+    def claim(
+        self, size: int, restart: bool, planner: leases.Planner | None = None
+    ) -> leases.Claim | None:
+        """Claim the migration (lease.enter) after checking its scan did not change under a
+        half-done run, counting `total` first; with a `planner`, for workers."""
+        migration = self.migration
+        scan_id = scan_descriptor(migration, self.db.engine.dialect)
+        if not restart:
+            self._refuse_other_scan(scan_id)
+        total, estimated = self.db.total_rows(migration.table, migration.range)
+        return leases.enter(
+            self.db,
+            self.name,
+            now=self.clock(),
+            lease=self.lease_seconds,
+            me=self.me,
+            restart=restart,
+            scan=scan_id,
+            total=total,
+            total_is_estimate=estimated,
+            batch_size=size,
+            planner=planner,
+        )
 
     def _state_now(self) -> str | None:
         """The migration's state as observed now, or None when the database cannot say."""

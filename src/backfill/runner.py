@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ from backfill import retry
 from backfill.decision import OnError
 from backfill.definition import Migration
 from backfill.dry_run import rehearse
-from backfill.errors import GateClosed
+from backfill.errors import BackfillError, GateClosed, RowFailed
 from backfill.events import (
     Emitter,
     Listener,
@@ -29,13 +30,17 @@ from backfill.pacing import wall_clock
 from backfill.progress import MigrationStatus, status_of
 from backfill.registry import Migrations
 from backfill.run import Run, RunResult
-from backfill.state import State
+from backfill.state import ShardState, State
+from backfill.stop_signals import StopSignals
 from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.expression import declared_change
 from backfill.store.inspection import check_table, reflect_table
-from backfill.types import Clock, Identity
+from backfill.store.shards import forget as forget_plan
+from backfill.store.shards import observed as observed_shard
+from backfill.types import Clock, Identity, Liveness
 from backfill.verification import SAMPLE_IDS, Verification, verify
+from backfill.worker import Ending, Worker, WorkResult
 
 
 class Runner:
@@ -97,13 +102,33 @@ class Runner:
         report = {}
         for name in wanted:
             record = stored.get(name)
-            observed = self._observed(record)
             report[name] = (
-                status_of(record, observed)
+                self._status_of(record)
                 if record
                 else MigrationStatus(name=name, state=State.PENDING)
             )
         return report
+
+    def _status_of(self, record: records.Record) -> MigrationStatus:
+        observed = self._observed(record)
+        if not record.plan:
+            return status_of(record, observed)
+        seen = Liveness(self.clock(), self.lease_seconds, self.me)
+        holders = leases.live_holders(record, seen) if observed is State.IN_PROGRESS else []
+        # The workers holding shards (the runner that claimed the run is not one).
+        states = [observed_shard(s, seen) for s in record.plan]
+        workers = [
+            s.holder
+            for s, state in zip(record.plan, states, strict=True)
+            if state is ShardState.IN_PROGRESS
+        ]
+        shown = [h for h in holders if h in workers] or holders[:1]
+        return status_of(
+            record,
+            observed,
+            holders=[h for h in shown if h is not None],
+            shard_states=states,
+        )
 
     def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
         self.migrations[name]
@@ -145,7 +170,9 @@ class Runner:
             record = records.load(conn, name)
             if record is not None:
                 observed = self._observed(record)
-                leases.refuse_if_live(name, record, observed)
+                leases.refuse_if_live(
+                    name, record, observed, Liveness(self.clock(), self.lease_seconds, self.me)
+                )
                 records.transition(
                     conn,
                     name,
@@ -155,6 +182,7 @@ class Runner:
                     **records.forgotten_progress(self.clock()),
                 )
                 records.forget_skipped(conn, name)
+                forget_plan(conn, name)
         if record is not None:
             Emitter(self.listeners)(StateChanged(name, self.clock(), str(observed), "pending"))
         return self.status([name])[name]
@@ -214,12 +242,205 @@ class Runner:
                     )
                     status = self.status([migration.name])[migration.name]
                     result = RunResult(migration.name, status, dry_run=report)
+                elif not restart and self._has_shards_left(migration.name):
+                    # A run with a plan resumes every shard from its cursor: one worker, here.
+                    work = self._work(migration, size, policy, pause, emit, sql=sql, run=True)
+                    result = RunResult(work.name, work.status, work.already_done, work.error)
                 else:
                     result = self._run_one(migration, size, restart, policy, pause, emit, sql=sql)
             results.append(result)
             if result.state in (State.FAILED, State.CANCELED):
                 break
         return results
+
+    def _has_shards_left(self, name: str) -> bool:
+        with self.db.read() as conn:
+            record = records.load(conn, name)
+        return record is not None and leases.unfinished(record)
+
+    def work(
+        self,
+        name: str,
+        *,
+        batch_size: int | None = None,
+        restart: bool = False,
+        on_error: OnError | str = OnError.FAIL,
+        min_age: timedelta | None = None,
+        force: bool = False,
+        pause: float = 0.0,
+        wait: bool = False,
+        workers: int | None = None,
+        listeners: Sequence[Listener] = (),
+        sql: bool = True,
+    ) -> WorkResult:
+        """Be a worker of `name`'s run with a plan (the `worker` command): start or resume the
+        run exactly as `run` would (same gates, same `restart`; a plan of 4 x `workers` shards,
+        16 without), or join the run in progress; then take shards, one at a time, until none
+        is left to claim or split. With `wait`, wait for a shard to free meanwhile, until the
+        run ends."""
+        emit = Emitter([*self.listeners, *listeners])
+        migration = self.migration(name)
+        policy = OnError(on_error)
+        self._ensure_schema()
+        with self.db.unavailable_as_error():
+            check_table(self.db.engine, migration)
+            if not force and self.status([name])[name].state is not State.IN_PROGRESS:
+                self._check_gate(migration, min_age)
+            change = declared_change(migration, self.db.dialect) if sql else None
+            size = batch_size or migration.default_batch_size(change)
+            return self._work(
+                migration,
+                size,
+                policy,
+                pause,
+                emit,
+                sql=sql,
+                restart=restart,
+                wait=wait,
+                workers=workers,
+            )
+
+    def begin(
+        self,
+        name: str,
+        workers: int,
+        *,
+        batch_size: int | None = None,
+        restart: bool = False,
+        min_age: timedelta | None = None,
+        force: bool = False,
+        sql: bool = True,
+        listeners: Sequence[Listener] = (),
+    ) -> WorkResult | None:
+        """Start or resume `name`'s run with a plan of 4 x `workers` shards without working it
+        (`run --workers N` does this, then starts N workers): None when the run is ready for
+        workers, else what there is to say (it had succeeded). LeaseHeld while it is held."""
+        emit = Emitter([*self.listeners, *listeners])
+        migration = self.migration(name)
+        self._ensure_schema()
+        with self.db.unavailable_as_error():
+            check_table(self.db.engine, migration)
+            if not force:
+                self._check_gate(migration, min_age)
+            change = declared_change(migration, self.db.dialect) if sql else None
+            size = batch_size or migration.default_batch_size(change)
+            worker = self._worker(migration, emit)
+            joined = worker.join(size, restart=restart, workers=workers, join=False)
+        if joined is None:
+            return WorkResult(name, self.status([name])[name], already_done=True)
+        return None
+
+    def step(
+        self,
+        name: str,
+        budget_seconds: float = 60.0,
+        *,
+        resume: bool = False,
+        batch_size: int | None = None,
+        on_error: OnError | str = OnError.FAIL,
+        sql: bool = True,
+        listeners: Sequence[Listener] = (),
+    ) -> StepResult:
+        """One time slice of `name`'s run, for a job queue whose jobs have a timeout: start
+        the run (from pending or interrupted; from failed or canceled only with `resume`, so a
+        late duplicate of a step never undoes a cancel) or join it, take one shard, run its
+        batches until `budget_seconds` are spent or it is done, and let it go. A duplicate or
+        late step is harmless: it finds nothing to take, or goes on from a shard's cursor."""
+        emit = Emitter([*self.listeners, *listeners])
+        migration = self.migration(name)
+        policy = OnError(on_error)
+        self._ensure_schema()
+        starts = {State.PENDING, State.INTERRUPTED} | (
+            {State.FAILED, State.CANCELED} if resume else set()
+        )
+        processed = 0
+        with self.db.unavailable_as_error():
+            check_table(self.db.engine, migration)
+            change = declared_change(migration, self.db.dialect) if sql else None
+            size = batch_size or migration.default_batch_size(change)
+            worker = self._worker(migration, emit)
+            joined = worker.join(size, start_from=frozenset(starts))
+            if joined is not None:
+                deadline = self.clock() + budget_seconds
+                shard = worker.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
+                if shard is None:
+                    worker.end_if_done(joined)
+                else:
+                    ending, processed, _ = worker.work_shard(
+                        joined, shard, size, policy, 0.0, StopSignals(), sql, deadline
+                    )
+        status = self.status([name])[name]
+        return StepResult(
+            more=status.state is State.IN_PROGRESS,
+            done=status.state is State.SUCCESS,
+            state=status.state,
+            held_until=None,
+            processed=processed,
+        )
+
+    def _worker(self, migration: Migration, emit: Emitter) -> Worker:
+        return Worker(
+            self.db,
+            migration,
+            clock=self.clock,
+            lease_seconds=self.lease_seconds,
+            me=self.me,
+            retry_policy=self.retry_policy,
+            sleep=self.sleep,
+            emit=emit,
+            status=lambda name: self.status([name])[name],
+        )
+
+    def _work(
+        self,
+        migration: Migration,
+        size: int,
+        policy: OnError,
+        pause: float,
+        emit: Emitter,
+        *,
+        sql: bool,
+        restart: bool = False,
+        wait: bool = False,
+        workers: int | None = None,
+        run: bool = False,
+    ) -> WorkResult:
+        """Join or start the run, then take shards until none is left (`wait`: until the run
+        ends). A signal stops this worker after its batch; for `run` (and a lone worker) it
+        cancels the run, else the others go on."""
+        name = migration.name
+        worker = self._worker(migration, emit)
+        joined = worker.join(size, restart=restart, workers=workers, join=not run)
+        if joined is None:
+            return WorkResult(name, self.status([name])[name], already_done=True)
+        processed, left = 0, False
+        error: RowFailed | retry.RetriesExhausted | None = None
+        try:
+            with StopSignals() as signals:
+                while error is None and not left:
+                    shard = worker.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
+                    if shard is None:
+                        if worker.end_if_done(joined) or not wait:
+                            break
+                        if signals.received is not None:
+                            left = True
+                            break
+                        self.sleep(min(1.0, self.lease_seconds / 3))
+                        continue
+                    ending, rows, error = worker.work_shard(
+                        joined, shard, size, policy, pause, signals, sql
+                    )
+                    processed += rows
+                    left = ending is Ending.LEFT
+                    if ending is Ending.STOPPED:
+                        break
+                if left:
+                    worker.cancel(joined, alone_only=not run)
+        except BackfillError as failure:
+            worker.end_by_error(joined, failure)
+            raise
+        result = WorkResult(name, self.status([name])[name], processed, left=left, error=error)
+        return worker.finished(joined, result)
 
     def _check_gate(self, migration: Migration, min_age: timedelta | None) -> None:
         prerequisite = migration.requires
@@ -274,8 +495,25 @@ class Runner:
         return run.start(size, restart, policy, pause, sql=sql)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did: `more` (the run goes on: step again), `done` (it succeeded), the
+    migration's `state` after it, `held_until` (None until holds exist) and the rows it
+    processed."""
+
+    more: bool
+    done: bool
+    state: State
+    held_until: datetime | None
+    processed: int
+
+
+# A worker with nothing to claim splits a shard with more than this many batches left.
+SPLIT_BELOW_BATCHES = 4
+
+
 def _rounded(age: timedelta) -> timedelta:
     return timedelta(seconds=round(age.total_seconds()))
 
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "StepResult"]

@@ -1,8 +1,10 @@
-"""The status machine of a migration: its states and every allowed transition, in one table.
+"""The status machines: a migration's states and every allowed transition, in one table, and
+the same for the shards of a run with workers (`SHARD_TRANSITIONS`).
 
 `interrupted` is never stored: it is what a stored `inProgress` is called once its runner is gone
-(`backfill.lease.observed_state` derives it). The table is enforced on every write of a state by
-`backfill.store.records.transition`. This module imports nothing of ours and knows no database.
+(`backfill.lease.observed_state` derives it; for a shard, `backfill.store.shards.observed`). The
+tables are enforced on every write of a state, by `backfill.store.records.transition` and
+`backfill.store.shards.transition`. This module imports nothing of ours and knows no database.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class TransitionRefused(Exception):
     """A state change the table does not allow; raised by `check`. A bug of ours if it ever
     reaches a user: every command checks the observed state before it asks for a change."""
 
-    def __init__(self, source: State, target: State) -> None:
+    def __init__(self, source: State | ShardState, target: State | ShardState) -> None:
         super().__init__(f"cannot go from {source} to {target}")
         self.source = source
         self.target = target
@@ -74,4 +76,45 @@ class TransitionRefused(Exception):
 
 def check(source: State, target: State) -> None:
     if not allowed(source, target):
+        raise TransitionRefused(source, target)
+
+
+class ShardState(StrEnum):
+    """A range shard of a run with workers (store.plan, store.shards)."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "inProgress"
+    DONE = "done"
+    INTERRUPTED = "interrupted"  # derived: held, but its worker is gone
+
+
+# (from, to): when it happens to a shard.
+SHARD_TRANSITIONS: dict[tuple[ShardState, ShardState], str] = {
+    (ShardState.PENDING, ShardState.IN_PROGRESS): "a worker claims a free shard",
+    (
+        ShardState.INTERRUPTED,
+        ShardState.IN_PROGRESS,
+    ): "a worker takes over a shard whose worker is gone (lease expired, or pid gone here)",
+    (ShardState.IN_PROGRESS, ShardState.DONE): "the shard's last batch committed",
+    (
+        ShardState.IN_PROGRESS,
+        ShardState.PENDING,
+    ): "its worker let it go, cursor kept: a step's budget spent, a cancel, a failure, a "
+    "signal; or a claim resuming the run frees it",
+    (ShardState.INTERRUPTED, ShardState.PENDING): "a claim resuming the run frees it",
+    (ShardState.PENDING, ShardState.PENDING): "a claim resuming the run keeps it free",
+    (
+        ShardState.IN_PROGRESS,
+        ShardState.INTERRUPTED,
+    ): "its worker died: stale heartbeat or pid gone (derived)",
+}
+
+
+def stored_shard(state: ShardState) -> ShardState:
+    """How a shard's `state` is stored: a derived `interrupted` is a stored `inProgress`."""
+    return ShardState.IN_PROGRESS if state is ShardState.INTERRUPTED else state
+
+
+def check_shard(source: ShardState, target: ShardState) -> None:
+    if (source, target) not in SHARD_TRANSITIONS:
         raise TransitionRefused(source, target)

@@ -1,5 +1,5 @@
 """The domain's small shared names: a row's key, how a key is stored and shown, a clock, and
-who a runner is.
+who a runner is and whether it is still there.
 
 A key is a tuple of the key columns' values, in key order, even for a one-column key. It is
 stored (the cursor, skipped rows) as a JSON list, and shown to people as `row_id`: the value
@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 Key = tuple[Any, ...]
@@ -45,3 +46,39 @@ class Identity:
     @classmethod
     def current(cls) -> Identity:
         return cls(socket.gethostname(), os.getpid())
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed process its parent has not reaped yet still answers kill(0): look at /proc.
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a lease holder (of a migration, or of a shard) is still there, as seen from
+    `here` at `now`: its heartbeat is at most `lease` seconds old and, when it runs on this
+    host, `alive(pid)` says its process exists (a process gone here is seen at once)."""
+
+    now: float
+    lease: float
+    here: Identity
+    alive: Callable[[int], bool] = process_alive
+
+    def holds(self, heartbeat_at: float | None, host: str | None, pid: int | None) -> bool:
+        if heartbeat_at is None or self.now - heartbeat_at > self.lease:
+            return False
+        return not (host == self.here.host and pid is not None and not self.alive(pid))
+
+    def recent(self, moment: float | None) -> bool:
+        """`moment` lies less than the lease time ago."""
+        return moment is not None and self.now - moment <= self.lease

@@ -10,6 +10,10 @@ enough to be killed, stopped or canceled while it is inside a batch transaction.
 A `source` starting with `bad:` is input the function rejects (`BadValue` on `source`): bad input
 any database can hold, for the error policies.
 
+`logged` is a second registry with the same migration, named the same, whose function also
+writes through its Context: one `item_log` row per migrated row, committed with the batch. A row
+logged twice is a side effect applied twice.
+
 Uses only backfill's public API, as a user's application would.
 """
 
@@ -21,7 +25,7 @@ import time
 
 import sqlalchemy as sa
 
-from backfill import BadValue, Migrations, Row
+from backfill import BadValue, Context, Migrations, Row
 
 ROW_DELAY_ENV = "COUNTING_ROW_DELAY"
 NAME = "derive"
@@ -38,7 +42,16 @@ items = sa.Table(
     sa.Column("counter", sa.Integer, nullable=False, server_default="0"),
 )
 
+# What `logged`'s function writes through its Context, one row per migrated item.
+item_log = sa.Table(
+    "item_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("item_id", sa.Integer, nullable=False),
+)
+
 migrations = Migrations()
+logged = Migrations()
 
 _row_delay = float(os.environ.get(ROW_DELAY_ENV) or 0)
 
@@ -60,14 +73,23 @@ def derive(row: Row) -> dict[str, object] | None:
     return {"derived": transform(row["source"]), "counter": row["counter"] + 1}
 
 
+@logged.migration(table=items, batch_size=100, name=NAME)
+def derive_logged(row: Row, ctx: Context) -> dict[str, object] | None:
+    """`derive`, logging each row it migrates in `item_log` through the batch's transaction."""
+    change = derive(row)
+    if change is not None:
+        ctx.conn.execute(sa.insert(item_log).values(item_id=row["id"]))
+    return change
+
+
 _WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa")
 
 
 def create_items(engine: sa.Engine, count: int, *, seed: int = 0) -> None:
     """(Re)create the `items` table with `count` unmigrated rows whose ids are 1..count."""
     rng = random.Random(seed)
-    metadata.drop_all(engine, tables=[items], checkfirst=True)
-    metadata.create_all(engine, tables=[items])
+    metadata.drop_all(engine, tables=[items, item_log], checkfirst=True)
+    metadata.create_all(engine, tables=[items, item_log])
     rows = [
         {
             "id": i,

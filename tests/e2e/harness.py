@@ -88,6 +88,7 @@ class Harness:
     tmp_path: Path
     url: str  # sqlite:///FILE, a PostgreSQL or a MariaDB URL (the `database_url` fixture)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every command
+    app: str = APP  # the registry the commands are given (apps.counting's, or its `logged`)
     procs: list[Proc] = field(default_factory=list)
     # Held by this process's own writers (AppTraffic) and probes, so a probe never takes this
     # process's own transaction for a runner's.
@@ -151,7 +152,7 @@ class Harness:
     # -- processes ----------------------------------------------------------------------------
 
     def _command(self, *args: str) -> list[str]:
-        return backfill_command(*args, "--app", APP, "--database-url", self.url)
+        return backfill_command(*args, "--app", self.app, "--database-url", self.url)
 
     def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
         return cli_env(**self.env, **(extra or {}))
@@ -501,3 +502,43 @@ def kill_moment(h: Harness, proc: Proc, rng: random.Random, inside: bool, wait: 
             return True
         time.sleep(rng.uniform(0, 0.02))
     return False
+
+
+def shard_holders(h: Harness) -> dict[int, int]:
+    """{pid: shard id} of the shards held (stored inProgress) in the test migration's plan."""
+    with h.engine.connect() as conn:
+        if not sa.inspect(conn).has_table("_migration_shards"):
+            return {}
+    rows = h.query(
+        "SELECT id, runner_pid FROM _migration_shards WHERE migration = :name "
+        "AND state = 'inProgress' AND runner_pid IS NOT NULL",
+        {"name": NAME},
+    )
+    return {int(r[1]): int(r[0]) for r in rows}
+
+
+def logged_once(h: Harness) -> None:
+    """Every item was logged through the Context exactly once (apps.counting's `logged`)."""
+    rows = h.query(
+        "SELECT i.id, COUNT(l.id) FROM items i LEFT JOIN item_log l ON l.item_id = i.id "
+        "GROUP BY i.id HAVING COUNT(l.id) <> 1"
+    )
+    assert not rows, f"{len(rows)} items logged other than once, e.g. {rows[:5]}"
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def freeze_outside_transaction(h: Harness, proc: Proc, timeout: float = 30) -> None:
+    """SIGSTOP `proc` at a moment it holds no write lock (retrying while it does)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.running(), proc.output()
+        proc.send(signal.SIGSTOP)
+        wait_for(lambda: process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
+        if not h.in_transaction(proc):
+            return
+        proc.send(signal.SIGCONT)
+        time.sleep(random.uniform(0.01, 0.08))
+    raise AssertionError(f"could not stop pid {proc.pid} outside a transaction\n{proc.output()}")

@@ -14,11 +14,19 @@ from __future__ import annotations
 import random
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from harness import HOST, NAME, Harness, Proc, committed_by, wait_for
+from harness import (
+    HOST,
+    NAME,
+    Harness,
+    Proc,
+    committed_by,
+    freeze_outside_transaction,
+    process_state,
+    wait_for,
+)
 
 LEASE = "1.5"
 ROWS = 600
@@ -31,24 +39,6 @@ def h(tmp_path, database_url):
     harness = Harness(tmp_path, database_url, env={"BACKFILL_LEASE_SECONDS": LEASE})
     yield harness
     harness.cleanup()
-
-
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def freeze_outside_transaction(h: Harness, proc: Proc, timeout: float = 30) -> None:
-    """SIGSTOP `proc` at a moment it holds no write lock (retrying while it does)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.running(), proc.output()
-        proc.send(signal.SIGSTOP)
-        wait_for(lambda: _process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
-        if not h.in_transaction(proc):
-            return
-        proc.send(signal.SIGCONT)
-        time.sleep(random.uniform(0.01, 0.08))
-    raise AssertionError(f"could not stop pid {proc.pid} outside a transaction\n{proc.output()}")
 
 
 @pytest.mark.parametrize("takeover", ["finished", "holding"])
@@ -128,7 +118,7 @@ def freeze_inside_a_batch(h: Harness, proc: Proc, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         assert proc.running(), proc.output()
         proc.send(signal.SIGSTOP)
-        wait_for(lambda: _process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
+        wait_for(lambda: process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
         if h.in_transaction(proc) and not _migrations_row_locked(h):
             return
         proc.send(signal.SIGCONT)

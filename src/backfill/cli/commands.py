@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -14,48 +10,21 @@ import click
 import sqlalchemy as sa
 
 from backfill.cli import render
-from backfill.cli.options import current, global_options
+from backfill.cli.options import (
+    Duration,
+    confirm,
+    confirm_production,
+    current,
+    events_file,
+    events_option,
+    global_options,
+    interactive,
+)
+from backfill.cli.workers import run_with_workers, worker_command
 from backfill.decision import OnError
 from backfill.errors import Refused, RowFailed
-from backfill.events import JsonLines, Listener
 from backfill.run import RunResult
 from backfill.state import State
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-events_option = click.option(
-    "--events",
-    type=click.Path(dir_okay=False),
-    help="Append every event of the run to FILE, one JSON object per line.",
-)
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "duration"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
-        if not match or (not match.group(2) and float(match.group(1)) != 0):
-            self.fail(f"{value!r} is not a duration like 7d, 36h, 90m or 0", param, ctx)
-        return timedelta(seconds=float(match.group(1)) * _UNITS.get(match.group(2) or "s", 1))
-
-
-def _interactive() -> bool:
-    return sys.stdin.isatty()
-
-
-def _confirm(question: str, yes: bool, refusal: str) -> None:
-    if yes:
-        return
-    if not _interactive():
-        raise Refused(refusal)
-    if not click.confirm(question, default=False, err=True):
-        raise Refused("not confirmed; nothing was changed")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,8 +37,9 @@ def cli() -> None:
 @click.argument("names", nargs=-1)
 @click.option("--watch", is_flag=True, help="Redraw until interrupted.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True)
+@click.option("--shards", is_flag=True, help="One line per shard of a run with workers.")
 @global_options
-def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
+def status(names: tuple[str, ...], watch: bool, interval: float, shards: bool) -> None:
     """State and progress of each migration (every defined one when no name)."""
     g = current()
     runner = g.runner()
@@ -85,6 +55,10 @@ def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
         render.out.print(render.status_table(report))
         for line in render.status_details(report):
             render.out.print(line)
+        if shards:
+            for name, found in report.items():
+                if found.shards:
+                    render.out.print(render.shards_table(name, found))
         return
     from rich.live import Live
 
@@ -125,6 +99,11 @@ def status(names: tuple[str, ...], watch: bool, interval: float) -> None:
     is_flag=True,
     help="Ignore the migration's declared SQL; run its Python function on every row.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Start N worker processes on this machine, each working range shards of the run.",
+)
 @click.option("--yes", is_flag=True, help="Do not ask before running in prod.")
 @events_option
 @global_options
@@ -139,6 +118,7 @@ def run(
     force: bool,
     pause: float,
     python_only: bool,
+    workers: int | None,
     yes: bool,
     events: str | None,
 ) -> int:
@@ -148,22 +128,34 @@ def run(
     for name in names:
         runner.migrations[name]  # unknown names are refused before anything runs
     settings = g.settings
-    if settings.is_production and not dry_run:
-        _confirm(
-            f"Run {', '.join(names)} on {settings.environment} ({runner.db.display_url})?",
-            yes,
-            "running in prod needs confirmation: pass --yes or run from a terminal",
-        )
+    if not dry_run:
+        confirm_production(g, names, yes)
     if force and settings.is_production:
-        if not _interactive():
+        if not interactive():
             raise Refused(
                 "--force in prod must be confirmed by typing the environment name at a terminal"
             )
         typed = click.prompt(f"Type {settings.environment!r} to skip the safety gate", err=True)
         if typed != settings.environment:
             raise Refused("environment name not confirmed; nothing was run")
+    if workers is not None and not dry_run:
+        with events_file(events) as written:
+            return run_with_workers(
+                g,
+                names,
+                workers,
+                batch_size=batch_size,
+                restart=restart,
+                on_error=on_error,
+                pause=pause,
+                python_only=python_only,
+                min_age=min_age,
+                force=force,
+                events=events,
+                listeners=written,
+            )
     started = time.monotonic()
-    with render.RunProgress() as progress, _events_file(events) as written:
+    with render.RunProgress() as progress, events_file(events) as written:
         results = runner.run(
             names,
             batch_size=batch_size,
@@ -223,19 +215,6 @@ def _report(results: list[RunResult], as_json: bool, started: float) -> None:
 def _exit_code(results: list[RunResult]) -> int:
     # Runs stop at the first that fails or is canceled: at most one code is not 0.
     return max((r.exit_code for r in results), default=0)
-
-
-@contextmanager
-def _events_file(path: str | None) -> Iterator[list[Listener]]:
-    """`--events FILE`: a listener appending every event to FILE as a JSON line."""
-    if path is None:
-        yield []
-        return
-    writer = JsonLines(path)
-    try:
-        yield [writer]
-    finally:
-        writer.close()
 
 
 @cli.command()
@@ -303,7 +282,7 @@ def reset(name: str, yes: bool) -> None:
     """Forget progress so the next run starts from the beginning."""
     runner = current().runner()
     runner.migrations[name]
-    _confirm(
+    confirm(
         f"Forget all progress of {name}?",
         yes,
         "reset needs confirmation: pass --yes or run from a terminal",
@@ -338,7 +317,7 @@ def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
     with runner.db.unavailable_as_error():
         exists = sa.inspect(engine).has_table("messages")
     if exists:
-        _confirm(
+        confirm(
             f"Replace the messages table in {runner.db.display_url}?",
             yes,
             "a messages table already exists; pass --yes to replace it",
@@ -354,8 +333,11 @@ def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
     if seed_only:
         return 0
     started = time.monotonic()
-    with render.RunProgress() as progress, _events_file(events) as written:
+    with render.RunProgress() as progress, events_file(events) as written:
         results = runner.run(["body_to_parts"], listeners=[*written, progress])
     _report(results, False, started)
     render.out.print(render.status_table(runner.status()))
     return _exit_code(results)
+
+
+cli.add_command(worker_command)

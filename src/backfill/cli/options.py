@@ -1,16 +1,23 @@
-"""Global options, accepted both before and after the command name, and what they resolve to."""
+"""The CLI's options: the global ones (accepted both before and after the command name) and what
+they resolve to, the options several commands share (durations, `--events`), and the
+confirmations they ask for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 from typing import Any, TypeVar
 
 import click
 
 from backfill import config
-from backfill.errors import ConfigError
+from backfill.errors import ConfigError, Refused
+from backfill.events import JsonLines, Listener
 from backfill.lease import DEFAULT_LEASE_SECONDS
 from backfill.registry import Migrations
 from backfill.retry import RetryPolicy
@@ -136,3 +143,64 @@ def current() -> Globals:
 
 def forget() -> None:
     _given.clear()
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+events_option = click.option(
+    "--events",
+    type=click.Path(dir_okay=False),
+    help="Append every event of the run to FILE, one JSON object per line.",
+)
+
+
+@contextmanager
+def events_file(path: str | None) -> Iterator[list[Listener]]:
+    """`--events FILE`: a listener appending every event to FILE as a JSON line."""
+    if path is None:
+        yield []
+        return
+    writer = JsonLines(path)
+    try:
+        yield [writer]
+    finally:
+        writer.close()
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not match or (not match.group(2) and float(match.group(1)) != 0):
+            self.fail(f"{value!r} is not a duration like 7d, 36h, 90m or 0", param, ctx)
+        return timedelta(seconds=float(match.group(1)) * _UNITS.get(match.group(2) or "s", 1))
+
+
+def interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm(question: str, yes: bool, refusal: str) -> None:
+    if yes:
+        return
+    if not interactive():
+        raise Refused(refusal)
+    if not click.confirm(question, default=False, err=True):
+        raise Refused("not confirmed; nothing was changed")
+
+
+def confirm_production(g: Globals, names: Sequence[str], yes: bool) -> None:
+    """Running in prod asks first (or `--yes`); without a terminal it is refused."""
+    settings = g.settings
+    if settings.is_production:
+        confirm(
+            f"Run {', '.join(names)} on {settings.environment} ({g.runner().db.display_url})?",
+            yes,
+            "running in prod needs confirmation: pass --yes or run from a terminal",
+        )

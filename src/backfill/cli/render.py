@@ -65,6 +65,7 @@ _STATE_STYLE = {
     "interrupted": "yellow",
     "canceled": "yellow",
     "pending": "dim",
+    "done": "green",
 }
 
 
@@ -112,6 +113,27 @@ def status_details(report: Mapping[str, MigrationStatus]) -> list[str]:
     return lines
 
 
+def shards_table(name: str, status: MigrationStatus) -> Table:
+    """One line per shard of a run with workers (`status --shards`)."""
+    table = Table(title=f"{name}: {len(status.shards)} shards, {status.workers} workers")
+    for header in ("shard", "keys (lo, hi]", "cursor", "state", "worker", "processed", "changed"):
+        table.add_column(header)
+    for shard in status.shards:
+        shown = shard.to_json()
+        lo, hi = shown["range"]
+        state = str(shard.state)
+        table.add_row(
+            str(shard.id),
+            f"({'—' if lo is None else lo}, {'end' if hi is None else hi}]",
+            "—" if shown["cursor"] is None else str(shown["cursor"]),
+            f"[{_STATE_STYLE.get(state, '')}]{state}[/]",
+            "—" if shard.runner is None else f"{shard.runner.host}:{shard.runner.pid}",
+            _number(shard.processed),
+            _number(shard.changed),
+        )
+    return table
+
+
 class RunProgress:
     """A Rich bar on a terminal, a plain line every few seconds otherwise; fed by the run's
     events."""
@@ -153,12 +175,19 @@ class RunProgress:
         if isinstance(event, RunStarted):
             self.runs[event.migration] = _RunRate(event.time, event.processed)
             self._show(event.migration, event.processed, event.total, None, None)
-        elif isinstance(event, BatchCommitted):
+        elif isinstance(event, BatchCommitted) and event.shard is None:
             run = self.runs.get(event.migration)
             rate = None if run is None else run.rate(event.time, event.processed)
             left = None if event.total is None else max(event.total - event.processed, 0)
             eta = None if rate is None or left is None else left / rate
             self._show(event.migration, event.processed, event.total, rate, eta)
+
+    def show_status(self, status: MigrationStatus) -> None:
+        """Progress read from the database (a run with workers, whose batch events each count
+        one shard's rows)."""
+        self._show(
+            status.name, status.processed, status.total, status.rows_per_second, status.eta_seconds
+        )
 
     def _show(
         self, name: str, processed: int, total: int | None, rate: float | None, eta: float | None

@@ -3,23 +3,24 @@
 Range shards, not modulo: each worker reads only its own rows (`id % N` makes every worker scan
 the whole key). The plan is made once per run from the keys as they are then, in one ordered
 pass over the key's index (`row_number()` over the key, every dialect here has it), and kept in
-`_migration_shards`, so changing the number of workers never moves a row to another shard.
+`_migration_shards` (store.shards), so changing the number of workers never moves a row to
+another shard.
 Shard k holds the keys in (lo, hi]: the first has no `lo`, the last no `hi` (it walks to the
 table's current end, as one runner does). Any key shape: integer, text, UUID, composite.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.types import NullType
 
 from backfill.definition import Migration
 from backfill.store.database import driver
 from backfill.store.statement import Statement
-from backfill.store.tables import migration_shards
-from backfill.types import Key, decode_key, encode_key
+from backfill.types import Key
 
 # A plan has this many shards when a `worker` or a step starts the run (the contract), and
 # 4 x N for `--workers N`; one when the range holds fewer than this many batches.
@@ -51,7 +52,7 @@ def quantile_keys(conn: sa.Connection, migration: Migration, parts: int) -> list
     counted = sa.select(sa.func.count()).select_from(migration.table)
     if where is not None:
         counted = counted.where(where)
-    rows = int(_driver_rows(conn, counted)[0][0] or 0)
+    rows = int(driver_rows(conn, counted)[0][0] or 0)
     if parts <= 1 or rows < parts:
         return []
     position = sa.func.row_number().over(order_by=[c.asc() for c in key]).label("backfill_row")
@@ -65,10 +66,10 @@ def quantile_keys(conn: sa.Connection, migration: Migration, parts: int) -> list
         .where(sa.or_(*(inner.c.backfill_row == mark for mark in marks)))
         .order_by(inner.c.backfill_row)
     )
-    return [tuple(row) for row in _driver_rows(conn, query)]
+    return [tuple(row) for row in driver_rows(conn, query)]
 
 
-def _driver_rows(conn: sa.Connection, query: sa.Select[Any]) -> list[Any]:
+def driver_rows(conn: sa.Connection, query: sa.Select[Any]) -> list[Any]:
     statement = Statement.compile(query, conn.dialect, [])
     raw = driver(conn).cursor()
     try:
@@ -78,64 +79,29 @@ def _driver_rows(conn: sa.Connection, query: sa.Select[Any]) -> list[Any]:
         raw.close()
 
 
-def plan(conn: sa.Connection, migration: Migration, parts: int) -> list[Shard]:
-    """The migration's range in about `parts` shards of about equal rows."""
-    bounds: list[Key | None] = [None, *quantile_keys(conn, migration, parts), None]
+def plan(
+    conn: sa.Connection, migration: Migration, parts: int, after: Key | None = None
+) -> list[Shard]:
+    """The migration's range (after the key `after`, a cursor of a run before) in about `parts`
+    shards of about equal rows."""
+    scoped = bounded(migration, after, None)
+    bounds: list[Key | None] = [after, *quantile_keys(conn, scoped, parts), None]
     return [Shard(i, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def within(
-    key: tuple[sa.Column[Any], ...], shard: Shard
-) -> tuple[sa.ColumnElement[bool], list[str], tuple[Any, ...]]:
-    """The predicate of the shard's keys, (lo, hi] (a row comparison for a composite key), with
-    its parameters' names and values, for a Statement sent to the driver (bounds are keys as
-    the driver gave them)."""
+def bounded(migration: Migration, lo: Key | None, hi: Key | None) -> Migration:
+    """`migration` restricted to the keys in (lo, hi]: its own range and those bounds (a row
+    comparison for a composite key). The bounds are keys as the driver gave them and go back to
+    it as they are, without the column type's conversions (a UUID as SQLite's hex text)."""
+    key = migration.key
     left: Any = key[0] if len(key) == 1 else sa.tuple_(*key)
-    conditions: list[sa.ColumnElement[bool]] = []
-    names: list[str] = []
-    values: tuple[Any, ...] = ()
-    for side, bound in (("lo", shard.lo), ("hi", shard.hi)):
+    conditions = [] if migration.range is None else [migration.range]
+    for bound, below in ((lo, False), (hi, True)):
         if bound is None:
             continue
-        params = [sa.bindparam(f"{side}{i}", type_=c.type) for i, c in enumerate(key)]
-        right: Any = params[0] if len(key) == 1 else sa.tuple_(*params)
-        conditions.append(left > right if side == "lo" else left <= right)
-        names += [p.key for p in params]
-        values += tuple(bound)
-    return sa.and_(sa.true(), *conditions), names, values
-
-
-def record_plan(
-    conn: sa.Connection, name: str, shards: list[Shard], run_id: int | None = None
-) -> None:
-    """Keep the plan of the run `run_id` of migration `name` (replacing an earlier one)."""
-    conn.execute(sa.delete(migration_shards).where(migration_shards.c.migration == name))
-    conn.execute(
-        sa.insert(migration_shards),
-        [
-            {
-                "migration": name,
-                "id": s.id,
-                "lo": None if s.lo is None else encode_key(s.lo),
-                "hi": None if s.hi is None else encode_key(s.hi),
-                "state": "pending",
-                "generation": 0,
-                "processed": 0,
-                "changed": 0,
-                "skipped_errors": 0,
-                "kept": 0,
-                "run_id": run_id,
-            }
-            for s in shards
-        ],
-    )
-
-
-def load_plan(conn: sa.Connection, name: str) -> list[Shard]:
-    """The plan kept for migration `name`, in shard order; empty when it has none."""
-    rows = conn.execute(
-        sa.select(migration_shards.c.id, migration_shards.c.lo, migration_shards.c.hi)
-        .where(migration_shards.c.migration == name)
-        .order_by(migration_shards.c.id)
-    )
-    return [Shard(int(r[0]), decode_key(r[1]), decode_key(r[2])) for r in rows]
+        values = [sa.type_coerce(sa.bindparam(None, v, unique=True), NullType()) for v in bound]
+        right: Any = values[0] if len(key) == 1 else sa.tuple_(*values)
+        conditions.append(left <= right if below else left > right)
+    if not conditions:
+        return migration
+    return replace(migration, where=sa.and_(*conditions))

@@ -14,17 +14,21 @@ import sqlalchemy as sa
 from backfill import state as machine
 from backfill.errors import LeaseHeld, LeaseLost, Refused
 from backfill.state import State
+from backfill.store import shards
 from backfill.store.database import driver
-from backfill.store.dialects import insert_ignoring_conflicts
+from backfill.store.dialects import LOCKING, insert_ignoring_conflicts
+from backfill.store.shards import ShardRecord
 from backfill.store.tables import migration_errors, migration_runs, migrations
 from backfill.types import Key, decode_key, encode_key, row_id
 
 
 @dataclass(frozen=True)
 class Record:
-    """A `_migrations` row as stored (state is the stored one: never `interrupted`)."""
+    """A `_migrations` row as stored (state is the stored one: never `interrupted`), with the
+    shards of its run's plan when it has one (workers)."""
 
     values: Mapping[str, Any]
+    plan: tuple[ShardRecord, ...] = ()
 
     @property
     def state(self) -> State:
@@ -52,14 +56,29 @@ def _select_rows() -> sa.Select[Any]:
     return sa.select(sa.text("*")).select_from(migrations)
 
 
-def load(conn: sa.Connection, name: str) -> Record | None:
+def load(conn: sa.Connection, name: str, *, with_plan: bool = True) -> Record | None:
+    """The migration's row and (`with_plan`: the tables are in the current layout) its plan."""
     row = conn.execute(_select_rows().where(migrations.c.name == name)).mappings().first()
-    return None if row is None else Record(dict(row))
+    if row is None:
+        return None
+    return Record(dict(row), shards.load(conn, name) if with_plan else ())
 
 
 def load_all(conn: sa.Connection) -> dict[str, Record]:
     rows = conn.execute(_select_rows()).mappings()
-    return {row["name"]: Record(dict(row)) for row in rows}
+    # An older layout (read by status while an older backfill's run holds it) has no plans.
+    plans = shards.load_all(conn) if sa.inspect(conn).has_table(shards.shards.name) else {}
+    return {row["name"]: Record(dict(row), plans.get(row["name"], ())) for row in rows}
+
+
+def lock(conn: sa.Connection, name: str) -> None:
+    """Hold the migration's row until this transaction ends, where the dialect locks rows
+    (SQLite's writers take turns anyway): writers that must not interleave, such as two
+    workers splitting shards, wait for one another. A batch's read of the row does not wait."""
+    if conn.dialect.name in LOCKING:
+        conn.execute(
+            sa.select(migrations.c.name).where(migrations.c.name == name).with_for_update()
+        )
 
 
 def ensure_record(conn: sa.Connection, name: str) -> Record:
@@ -187,10 +206,10 @@ class Ledger:
             return None  # named parameter styles: let SQLAlchemy bind them
         return compiled.string, tuple(compiled.positiontup or ())
 
-    def check(self, conn: sa.Connection) -> tuple[bool, bool]:
-        """(still owned by this runner's generation and in progress, cancel requested)."""
+    def read(self, conn: sa.Connection) -> tuple[int, State, bool] | None:
+        """The migration's (generation, stored state, cancel requested); None if it has no row."""
         if self._check is None:
-            record = load(conn, self.name)
+            record = load(conn, self.name, with_plan=False)
             found = (
                 None
                 if record is None
@@ -198,9 +217,14 @@ class Ledger:
             )
         else:
             found = _driver_one(conn, self._check[0], (self.name,))
-        if found is None or int(found[0]) != self.generation or found[1] != State.IN_PROGRESS:
+        return None if found is None else (int(found[0]), State(found[1]), bool(found[2]))
+
+    def check(self, conn: sa.Connection) -> tuple[bool, bool]:
+        """(still owned by this runner's generation and in progress, cancel requested)."""
+        found = self.read(conn)
+        if found is None or found[0] != self.generation or found[1] is not State.IN_PROGRESS:
             return False, False
-        return True, bool(found[2])
+        return True, found[2]
 
     def advance(self, conn: sa.Connection, values: dict[str, Any]) -> bool:
         """`update_live` under this runner's generation (cursor, counters, heartbeat; never the

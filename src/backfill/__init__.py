@@ -26,16 +26,17 @@ from backfill.errors import (
     SchemaMismatch,
     UnknownMigration,
 )
-from backfill.progress import MigrationStatus, RowError
+from backfill.progress import MigrationStatus, RowError, ShardStatus
 from backfill.registry import Migrations
 from backfill.retry import RetriesExhausted, RetryPolicy, Transient
 from backfill.run import RunResult
 from backfill.runner import Runner
-from backfill.state import State
+from backfill.state import ShardState, State
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
 from backfill.types import Identity
 from backfill.verification import Verification
+from backfill.worker import StepResult, WorkResult
 
 __all__ = [
     "BackfillError",
@@ -69,9 +70,13 @@ __all__ = [
     "Runner",
     "Sample",
     "SchemaMismatch",
+    "ShardState",
+    "ShardStatus",
     "SqlChange",
     "State",
+    "StepResult",
     "Transient",
     "UnknownMigration",
     "Verification",
+    "WorkResult",
 ]

@@ -129,8 +129,8 @@ def enter(
     With a `planner` (a run with workers) the run has a plan: a run from the beginning, or one
     resuming a run without a plan (after its cursor), gets a plan from `planner(conn, cursor)`;
     a run resuming one with a plan frees its unfinished shards, cursors kept. Without one, a
-    run from the beginning drops an old plan; a plan with shards left is the workers' to
-    finish (Runner.run hands such a run to them)."""
+    run from the beginning drops an old plan; a run with a plan is the workers' to resume
+    (Runner.run hands such a run to one)."""
 
     def refuse_if_taken() -> None:
         refuse_if_held(db, name, now=now, lease=lease, me=me)
@@ -143,8 +143,8 @@ def enter(
         if observed is State.SUCCESS and not restart:
             return None
         fresh = restart or observed is State.PENDING or (record.cursor is None and not record.plan)
-        if not fresh and planner is None and unfinished(record):
-            raise Refused(f"migration {name!r} has shards left: resume it with `backfill worker`")
+        if not fresh and planner is None and record.plan:
+            raise Refused(f"migration {name!r} has a plan: resume it with `backfill worker`")
         done_before = {c: record[c] for c in shards.COUNTERS}
         if not fresh:
             done_before = {c: v + shards.sums(record.plan)[c] for c, v in done_before.items()}
@@ -196,11 +196,6 @@ def enter(
         return Claim(claimed, observed)
 
 
-def unfinished(record: Record) -> bool:
-    """The migration has a plan with shards not done."""
-    return any(s.state is not ShardState.DONE for s in record.plan)
-
-
 def leave(
     db: Database, name: str, generation: int, target: State, now: float, **values: object
 ) -> None:
@@ -221,17 +216,28 @@ def leave(
 
 
 class Heartbeat:
-    """Beats in a background thread so a slow batch or a pause never looks like a dead runner."""
+    """Beats in a background thread so a slow batch or a pause never looks like a dead holder:
+    every `interval` seconds `beat(conn)` writes the heartbeat in a transaction of its own and
+    says whether the lease is still held; `lost` is set once it is not."""
 
     def __init__(
-        self, db: Database, name: str, generation: int, interval: float, clock: Clock
+        self, db: Database, beat: Callable[[sa.Connection], bool], interval: float, name: str
     ) -> None:
-        self._db, self._name, self._generation = db, name, generation
-        self._interval = interval
-        self._clock = clock
+        self._db, self._write, self._interval = db, beat, interval
         self._stop = threading.Event()
         self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=name, daemon=True)
+
+    @classmethod
+    def of_run(
+        cls, db: Database, name: str, generation: int, interval: float, clock: Clock
+    ) -> Heartbeat:
+        """The heartbeat of one runner's run, on the migration's row."""
+
+        def beat(conn: sa.Connection) -> bool:
+            return records.update_live(conn, name, generation, heartbeat_at=clock())
+
+        return cls(db, beat, interval, f"heartbeat-{name}")
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -245,11 +251,9 @@ class Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 with self._db.write() as conn:
-                    owned = records.update_live(
-                        conn, self._name, self._generation, heartbeat_at=self._clock()
-                    )
+                    held = self._write(conn)
             except Exception:  # noqa: BLE001 - a missed beat is retried; the lease absorbs it
                 continue
-            if not owned:
+            if not held and not self._stop.is_set():
                 self.lost.set()
                 return

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from backfill import lease as leases
 from backfill.state import ShardState, State
+from backfill.store import shards
 from backfill.store.records import Record
 from backfill.store.shards import COUNTERS
-from backfill.types import Identity, Key, row_id
+from backfill.types import Identity, Key, Liveness, row_id
 
 
 def iso(seconds: float | None) -> str | None:
@@ -145,16 +146,23 @@ class MigrationStatus:
         }
 
 
-def status_of(
-    record: Record,
-    observed: State,
-    holders: Sequence[Identity] | None = None,
-    shard_states: Sequence[ShardState] = (),
-) -> MigrationStatus:
+def status_of(record: Record, observed: State, seen: Liveness | None = None) -> MigrationStatus:
     """The report of a stored `_migrations` row, in the state as people see it (`observed`:
     `interrupted` for a stored inProgress whose runner is gone). A run with a plan adds its
-    shards' counters (summed on read) and its shards, each in `shard_states` (as observed);
-    `holders` are its live lease holders (default: its runner, while in progress)."""
+    shards' counters (summed on read) and its shards, as `seen` from here now: their states,
+    and its workers (the live ones holding shards)."""
+    holders: list[Identity] | None = None
+    shard_states = [s.state for s in record.plan]
+    if record.plan and seen is not None:
+        shard_states = [shards.observed(s, seen) for s in record.plan]
+        alive = leases.live_holders(record, seen) if observed is State.IN_PROGRESS else []
+        working = [
+            s.holder
+            for s, state in zip(record.plan, shard_states, strict=True)
+            if state is ShardState.IN_PROGRESS
+        ]
+        # The workers holding shards; the runner that claimed the run while none does yet.
+        holders = [h for h in alive if h in working] or alive[:1]
     v = record.values
     live = observed in (State.IN_PROGRESS, State.INTERRUPTED)
     error = None
@@ -186,9 +194,7 @@ def status_of(
             int(s["changed"]),
             s["heartbeat_at"],
         )
-        for s, state in zip(
-            record.plan, shard_states or [s.state for s in record.plan], strict=True
-        )
+        for s, state in zip(record.plan, shard_states, strict=True)
     )
     return MigrationStatus(
         name=v["name"],

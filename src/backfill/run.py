@@ -79,7 +79,7 @@ class Run:
         self.db, self.migration, self.name = db, migration, migration.name
         self.clock, self.lease_seconds, self.me = clock, lease_seconds, me
         self.retry_policy, self.sleep, self.emit = retry_policy, sleep, emit
-        self._status, self._observed = status, observed
+        self.status, self.observed = status, observed
 
     def start(
         self, size: int, restart: bool, policy: OnError, pause: float, *, sql: bool = True
@@ -90,7 +90,7 @@ class Run:
         migration, name, emit = self.migration, self.name, self.emit
         claim = self.claim(size, restart)
         if claim is None:
-            return RunResult(name, self._status(name), already_done=True)
+            return RunResult(name, self.status(name), already_done=True)
         record = claim.record
         now = self.clock()
         emit(StateChanged(name, now, str(claim.source), str(State.IN_PROGRESS)))
@@ -98,7 +98,9 @@ class Run:
         interval = max(self.lease_seconds / 3, 0.05)
         try:
             with (
-                leases.Heartbeat(self.db, name, claim.generation, interval, self.clock) as beat,
+                leases.Heartbeat.of_run(
+                    self.db, name, claim.generation, interval, self.clock
+                ) as beat,
                 StopSignals() as signals,
                 Batches(
                     self.db,
@@ -145,7 +147,7 @@ class Run:
     def _state_now(self) -> str | None:
         """The migration's state as observed now, or None when the database cannot say."""
         try:
-            return str(self._status(self.name).state)
+            return str(self.status(self.name).state)
         except BackfillError:
             return None
 
@@ -157,7 +159,7 @@ class Run:
             record = records.load(conn, name)
         if record is None or record.cursor is None or record["scan"] in (None, scan_id):
             return
-        if self._observed(record) in (State.SUCCESS, State.PENDING):
+        if self.observed(record) in (State.SUCCESS, State.PENDING):
             return
         raise SchemaMismatch(
             f"migration {name!r} is half done ({record['processed']} rows) over "
@@ -212,7 +214,7 @@ class Run:
                     error_row_id=None if row is None else json.dumps(row.row_id, default=str),
                     error_field=None if row is None else row.field,
                 )
-                return RunResult(name, self._status(name), error=failure)
+                return RunResult(name, self.status(name), error=failure)
             if batch is None:
                 return self._finish(generation, State.CANCELED)
             # From what this run just committed: a status query per batch cost as much as the
@@ -235,11 +237,11 @@ class Run:
             )
             if batch.done:
                 emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(State.SUCCESS)))
-                return RunResult(name, self._status(name))
+                return RunResult(name, self.status(name))
             if pause > 0:
                 self.sleep(pause)
 
     def _finish(self, generation: int, target: State, **values: Any) -> RunResult:
         leases.leave(self.db, self.name, generation, target, self.clock(), **values)
         self.emit(StateChanged(self.name, self.clock(), str(State.IN_PROGRESS), str(target)))
-        return RunResult(self.name, self._status(self.name))
+        return RunResult(self.name, self.status(self.name))

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
+from backfill import gate, retry
 from backfill import lease as leases
-from backfill import retry
 from backfill.decision import OnError
 from backfill.definition import Migration
 from backfill.dry_run import rehearse
-from backfill.errors import BackfillError, GateClosed, RowFailed
 from backfill.events import (
     Emitter,
     Listener,
@@ -30,17 +28,15 @@ from backfill.pacing import wall_clock
 from backfill.progress import MigrationStatus, status_of
 from backfill.registry import Migrations
 from backfill.run import Run, RunResult
-from backfill.state import ShardState, State
-from backfill.stop_signals import StopSignals
+from backfill.state import State
 from backfill.store import records
 from backfill.store.database import Database, Limits
 from backfill.store.expression import declared_change
 from backfill.store.inspection import check_table, reflect_table
 from backfill.store.shards import forget as forget_plan
-from backfill.store.shards import observed as observed_shard
 from backfill.types import Clock, Identity, Liveness
 from backfill.verification import SAMPLE_IDS, Verification, verify
-from backfill.worker import Ending, Worker, WorkResult
+from backfill.worker import StepResult, Worker, WorkResult
 
 
 class Runner:
@@ -110,25 +106,8 @@ class Runner:
         return report
 
     def _status_of(self, record: records.Record) -> MigrationStatus:
-        observed = self._observed(record)
-        if not record.plan:
-            return status_of(record, observed)
         seen = Liveness(self.clock(), self.lease_seconds, self.me)
-        holders = leases.live_holders(record, seen) if observed is State.IN_PROGRESS else []
-        # The workers holding shards (the runner that claimed the run is not one).
-        states = [observed_shard(s, seen) for s in record.plan]
-        workers = [
-            s.holder
-            for s, state in zip(record.plan, states, strict=True)
-            if state is ShardState.IN_PROGRESS
-        ]
-        shown = [h for h in holders if h in workers] or holders[:1]
-        return status_of(
-            record,
-            observed,
-            holders=[h for h in shown if h is not None],
-            shard_states=states,
-        )
+        return status_of(record, self._observed(record), seen)
 
     def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
         self.migrations[name]
@@ -233,16 +212,15 @@ class Runner:
                 check_table(self.db.engine, migration)
                 if not force:
                     self._check_gate(migration, min_age)
-                in_sql = sql and not dry_run  # a dry run goes through the function
-                change = declared_change(migration, self.db.dialect) if in_sql else None
-                size = batch_size or migration.default_batch_size(change)
+                # A dry run goes through the function.
+                size = self._batch_size(migration, batch_size, sql and not dry_run)
                 if dry_run:
                     report = rehearse(
                         self.db, migration, size, dry_run_batches, policy, self._observed
                     )
                     status = self.status([migration.name])[migration.name]
                     result = RunResult(migration.name, status, dry_run=report)
-                elif not restart and self._has_shards_left(migration.name):
+                elif not restart and self._has_plan_to_finish(migration.name):
                     # A run with a plan resumes every shard from its cursor: one worker, here.
                     work = self._work(migration, size, policy, pause, emit, sql=sql, run=True)
                     result = RunResult(work.name, work.status, work.already_done, work.error)
@@ -253,10 +231,10 @@ class Runner:
                 break
         return results
 
-    def _has_shards_left(self, name: str) -> bool:
+    def _has_plan_to_finish(self, name: str) -> bool:
         with self.db.read() as conn:
             record = records.load(conn, name)
-        return record is not None and leases.unfinished(record)
+        return record is not None and bool(record.plan) and record.state is not State.SUCCESS
 
     def work(
         self,
@@ -286,8 +264,7 @@ class Runner:
             check_table(self.db.engine, migration)
             if not force and self.status([name])[name].state is not State.IN_PROGRESS:
                 self._check_gate(migration, min_age)
-            change = declared_change(migration, self.db.dialect) if sql else None
-            size = batch_size or migration.default_batch_size(change)
+            size = self._batch_size(migration, batch_size, sql)
             return self._work(
                 migration,
                 size,
@@ -322,8 +299,7 @@ class Runner:
             check_table(self.db.engine, migration)
             if not force:
                 self._check_gate(migration, min_age)
-            change = declared_change(migration, self.db.dialect) if sql else None
-            size = batch_size or migration.default_batch_size(change)
+            size = self._batch_size(migration, batch_size, sql)
             worker = self._worker(migration, emit)
             joined = worker.join(size, restart=restart, workers=workers, join=False)
         if joined is None:
@@ -356,19 +332,11 @@ class Runner:
         processed = 0
         with self.db.unavailable_as_error():
             check_table(self.db.engine, migration)
-            change = declared_change(migration, self.db.dialect) if sql else None
-            size = batch_size or migration.default_batch_size(change)
+            size = self._batch_size(migration, batch_size, sql)
             worker = self._worker(migration, emit)
             joined = worker.join(size, start_from=frozenset(starts))
             if joined is not None:
-                deadline = self.clock() + budget_seconds
-                shard = worker.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
-                if shard is None:
-                    worker.end_if_done(joined)
-                else:
-                    ending, processed, _ = worker.work_shard(
-                        joined, shard, size, policy, 0.0, StopSignals(), sql, deadline
-                    )
+                processed = worker.step(joined, size, policy, sql, budget_seconds)
         status = self.status([name])[name]
         return StepResult(
             more=status.state is State.IN_PROGRESS,
@@ -378,8 +346,16 @@ class Runner:
             processed=processed,
         )
 
+    def _batch_size(self, migration: Migration, given: int | None, sql: bool) -> int:
+        """`given`, else the migration's: its declared SQL's on this dialect when `sql`."""
+        change = declared_change(migration, self.db.dialect) if sql else None
+        return given or migration.default_batch_size(change)
+
     def _worker(self, migration: Migration, emit: Emitter) -> Worker:
-        return Worker(
+        return Worker(self._run(migration, emit))
+
+    def _run(self, migration: Migration, emit: Emitter) -> Run:
+        return Run(
             self.db,
             migration,
             clock=self.clock,
@@ -389,6 +365,7 @@ class Runner:
             sleep=self.sleep,
             emit=emit,
             status=lambda name: self.status([name])[name],
+            observed=self._observed,
         )
 
     def _work(
@@ -405,69 +382,23 @@ class Runner:
         workers: int | None = None,
         run: bool = False,
     ) -> WorkResult:
-        """Join or start the run, then take shards until none is left (`wait`: until the run
-        ends). A signal stops this worker after its batch; for `run` (and a lone worker) it
-        cancels the run, else the others go on."""
-        name = migration.name
+        """Join or start the run (`run` never joins one), then work it until nothing is left."""
         worker = self._worker(migration, emit)
         joined = worker.join(size, restart=restart, workers=workers, join=not run)
         if joined is None:
-            return WorkResult(name, self.status([name])[name], already_done=True)
-        processed, left = 0, False
-        error: RowFailed | retry.RetriesExhausted | None = None
-        try:
-            with StopSignals() as signals:
-                while error is None and not left:
-                    shard = worker.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
-                    if shard is None:
-                        if worker.end_if_done(joined) or not wait:
-                            break
-                        if signals.received is not None:
-                            left = True
-                            break
-                        self.sleep(min(1.0, self.lease_seconds / 3))
-                        continue
-                    ending, rows, error = worker.work_shard(
-                        joined, shard, size, policy, pause, signals, sql
-                    )
-                    processed += rows
-                    left = ending is Ending.LEFT
-                    if ending is Ending.STOPPED:
-                        break
-                if left:
-                    worker.cancel(joined, alone_only=not run)
-        except BackfillError as failure:
-            worker.end_by_error(joined, failure)
-            raise
-        result = WorkResult(name, self.status([name])[name], processed, left=left, error=error)
-        return worker.finished(joined, result)
+            return WorkResult(
+                migration.name, self.status([migration.name])[migration.name], already_done=True
+            )
+        return worker.work(joined, size, policy, pause, sql, wait=wait, signal_cancels=run)
 
     def _check_gate(self, migration: Migration, min_age: timedelta | None) -> None:
-        prerequisite = migration.requires
-        if prerequisite is None:
-            return
-        before = prerequisite.migration
-        wait = prerequisite.min_age if min_age is None else min_age
-        status = self.status([before])[before]
-        if status.state is not State.SUCCESS or status.finished_at is None:
-            raise GateClosed(
-                f"migration {migration.name!r} requires {before!r} to have finished with "
-                f"success; it is {status.state}"
-            )
-        age = timedelta(seconds=self.clock() - status.finished_at)
-        if age < wait:
-            raise GateClosed(
-                f"migration {migration.name!r} may run only {wait} after {before!r} succeeded; "
-                f"it succeeded {_rounded(age)} ago (use --min-age to change the wait, "
-                "--force to skip this check)"
-            )
-        if prerequisite.verified:
-            check = self.verify(before)
-            if not check.clean:
-                raise GateClosed(
-                    f"migration {migration.name!r} requires `verify {before}` to find nothing "
-                    f"left; it finds {check.remaining} rows left and {check.raising} that raise"
-                )
+        gate.check(
+            migration,
+            min_age,
+            now=self.clock(),
+            status=lambda name: self.status([name])[name],
+            verify=self.verify,
+        )
 
     def _run_one(
         self,
@@ -480,40 +411,8 @@ class Runner:
         *,
         sql: bool = True,
     ) -> RunResult:
-        run = Run(
-            self.db,
-            migration,
-            clock=self.clock,
-            lease_seconds=self.lease_seconds,
-            me=self.me,
-            retry_policy=self.retry_policy,
-            sleep=self.sleep,
-            emit=emit,
-            status=lambda name: self.status([name])[name],
-            observed=self._observed,
-        )
+        run = self._run(migration, emit)
         return run.start(size, restart, policy, pause, sql=sql)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What a step did: `more` (the run goes on: step again), `done` (it succeeded), the
-    migration's `state` after it, `held_until` (None until holds exist) and the rows it
-    processed."""
-
-    more: bool
-    done: bool
-    state: State
-    held_until: datetime | None
-    processed: int
-
-
-# A worker with nothing to claim splits a shard with more than this many batches left.
-SPLIT_BELOW_BATCHES = 4
-
-
-def _rounded(age: timedelta) -> timedelta:
-    return timedelta(seconds=round(age.total_seconds()))
 
 
 __all__ = ["Runner", "StepResult"]

@@ -9,10 +9,8 @@ happens inside a batch is `backfill.batch`'s, with the shard's row as its positi
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -21,14 +19,11 @@ import sqlalchemy as sa
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import Batches, Stored
+from backfill.batch import Batches
 from backfill.decision import OnError
-from backfill.definition import Migration
 from backfill.errors import BackfillError, LeaseHeld, LeaseLost, RowFailed
 from backfill.events import (
     BatchCommitted,
-    Emitter,
-    RunError,
     RunFinished,
     RunStarted,
     StateChanged,
@@ -36,82 +31,19 @@ from backfill.events import (
 )
 from backfill.progress import MigrationStatus
 from backfill.run import Run
+from backfill.run_end import RunEnd, nothing
+from backfill.shard import Joined, ShardMoved, ShardPosition
+from backfill.shard import heartbeat as shard_heartbeat
 from backfill.state import ShardState, State
 from backfill.stop_signals import StopSignals
 from backfill.store import plan as plans
 from backfill.store import records, shards
-from backfill.store.database import Database
 from backfill.store.records import Ledger, Record
 from backfill.store.shards import ShardRecord
-from backfill.types import Clock, Identity, Liveness
+from backfill.types import Liveness
 
-
-class ShardMoved(Exception):
-    """A split moved the upper bound of the shard a batch was working (store.shards.split): the
-    batch rolled back, and the worker goes on within the new bound."""
-
-
-@dataclass(frozen=True)
-class Joined:
-    """The run a worker works in: its generation (of the migration's row), its number, and the
-    state the worker's claim started it from (None: it joined a run in progress)."""
-
-    generation: int
-    run_id: int
-    source: State | None
-
-
-class ShardPosition:
-    """A worker's batches: the cursor and counters on its shard's row, while it holds the shard
-    at its generation, in the run it joined (`Joined`). Each batch first reads the migration's
-    row (no lock: workers do not queue on it) to stop when the run ended, a cancel was asked
-    for, or another run took over."""
-
-    def __init__(self, db: Database, name: str, joined: Joined, shard: ShardRecord) -> None:
-        self.name, self.joined, self.shard = name, joined, shard
-        self.start: Stored = shard
-        self.ledger = Ledger(db.engine.dialect, name, joined.generation)
-
-    def stop_requested(self, conn: sa.Connection) -> bool:
-        found = self.ledger.read(conn)
-        if found is None or found[0] != self.joined.generation:
-            raise LeaseLost(self.name)
-        return found[1] is not State.IN_PROGRESS or found[2]
-
-    def advance(self, conn: sa.Connection, values: dict[str, Any], done: bool, now: float) -> None:
-        held = self.shard
-        also = {"hi": held["hi"], "run_id": self.joined.run_id}
-        values.update(heartbeat_at=now)
-        if done:
-            moved = shards.transition(
-                conn,
-                self.name,
-                held,
-                source=ShardState.IN_PROGRESS,
-                target=ShardState.DONE,
-                also=also,
-                runner_host=None,
-                runner_pid=None,
-                **values,
-            )
-        else:
-            moved = shards.update_held(conn, self.name, held.id, held.generation, also, **values)
-        if not moved:
-            self._lost(conn)
-
-    def _lost(self, conn: sa.Connection) -> None:
-        now = shards.reload(conn, self.name, self.shard.id)
-        if now.generation == self.shard.generation and now.state is ShardState.IN_PROGRESS:
-            raise ShardMoved(self.name)
-        raise LeaseLost(self.name)
-
-    def reload(self, conn: sa.Connection) -> Stored:
-        now = shards.reload(conn, self.name, self.shard.id)
-        if now.generation != self.shard.generation or now.state is not ShardState.IN_PROGRESS:
-            raise LeaseLost(self.name)
-        if now["hi"] != self.shard["hi"]:
-            raise ShardMoved(self.name)
-        return now
+# A worker with nothing to claim splits a shard with more than this many batches left.
+SPLIT_BELOW_BATCHES = 4
 
 
 class Ending(Enum):
@@ -121,6 +53,19 @@ class Ending(Enum):
     STOPPED = "stopped"  # the run ended, or was asked to stop
     BUDGET = "budget"  # a step's time is spent
     LEFT = "left"  # this worker was asked to stop (a signal)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did: `more` (the run goes on: step again), `done` (it succeeded), the
+    migration's `state` after it, `held_until` (None until holds exist) and the rows it
+    processed."""
+
+    more: bool
+    done: bool
+    state: State
+    held_until: datetime | None
+    processed: int
 
 
 @dataclass(frozen=True)
@@ -152,44 +97,21 @@ class WorkResult:
 
 
 class Worker:
-    """One worker of `migration`'s run with a plan, in this process (`me`)."""
+    """One worker of a migration's run with a plan, in this process."""
 
-    def __init__(
-        self,
-        db: Database,
-        migration: Migration,
-        *,
-        clock: Clock,
-        lease_seconds: float,
-        me: Identity,
-        retry_policy: retry.RetryPolicy,
-        sleep: Callable[[float], None],
-        emit: Emitter,
-        status: Callable[[str], MigrationStatus],
-    ) -> None:
-        self.db, self.migration, self.name = db, migration, migration.name
-        self.clock, self.lease_seconds, self.me = clock, lease_seconds, me
-        self.retry_policy, self.sleep, self.emit = retry_policy, sleep, emit
-        self._status = status
-        self._run = Run(
-            db,
-            migration,
-            clock=clock,
-            lease_seconds=lease_seconds,
-            me=me,
-            retry_policy=retry_policy,
-            sleep=sleep,
-            emit=emit,
-            status=status,
-            observed=self._observed,
-        )
+    def __init__(self, run: Run) -> None:
+        """`run` is what one runner would do: the claim a worker makes when it starts a run."""
+        self._run = run
+        self.db, self.migration, self.name = run.db, run.migration, run.name
+        self.clock, self.lease_seconds, self.me = run.clock, run.lease_seconds, run.me
+        self.retry_policy, self.sleep, self.emit = run.retry_policy, run.sleep, run.emit
+        self._status = run.status
 
     def _seen(self) -> Liveness:
         return Liveness(self.clock(), self.lease_seconds, self.me)
 
     def _observed(self, record: Record | None) -> State:
-        seen = self._seen()
-        return leases.observed_state(record, seen.now, seen.lease, seen.here, seen.alive)
+        return self._run.observed(record)
 
     def _record(self) -> Record | None:
         with self.db.read() as conn:
@@ -217,7 +139,7 @@ class Worker:
             if observed is State.IN_PROGRESS and record is not None:
                 if not record.plan or restart or not join:
                     leases.refuse_if_live(self.name, record, observed, self._seen())
-                joined = Joined(record.generation, int(record["run_id"]), None)
+                joined = Joined(record.generation, int(record["run_id"]))
                 self._started(joined, record, workers)
                 return joined
             if start_from is not None and observed not in start_from:
@@ -230,7 +152,7 @@ class Worker:
                 continue  # another worker started it this instant: join it
             if claim is None:
                 return None
-            joined = Joined(claim.generation, claim.run_id, claim.source)
+            joined = Joined(claim.generation, claim.run_id)
             self.emit(StateChanged(self.name, self.clock(), str(claim.source), "inProgress"))
             self._started(joined, claim.record, workers)
             return joined
@@ -261,7 +183,7 @@ class Worker:
         worker holds, split past its cursor (when more than `split_below` rows are left of it).
         None when there is nothing to take, or the run is no longer `joined`."""
         seen = self._seen()
-        with self.db.write(meanwhile=_nothing) as conn:
+        with self.db.write(meanwhile=nothing) as conn:
             found = Ledger(conn.dialect, self.name, joined.generation).read(conn)
             if found is None or found[0] != joined.generation or found[1] is not State.IN_PROGRESS:
                 return None
@@ -281,7 +203,7 @@ class Worker:
             sizes = [(shards.remaining(conn, self.migration, s, 10 * split_below), s) for s in held]
         sizes = [(rows, s) for rows, s in sizes if rows > split_below]
         for rows, shard in sorted(sizes, key=lambda found: -found[0]):
-            with self.db.write(meanwhile=_nothing) as conn:
+            with self.db.write(meanwhile=nothing) as conn:
                 records.lock(conn, self.name)  # one split at a time: each numbers a new shard
                 plan = shards.load(conn, self.name)
                 now = shards.locked(conn, self.name, shard.id)
@@ -317,7 +239,7 @@ class Worker:
         ended the run, if this worker's). The shard is done, or let go with its cursor kept."""
         processed = 0
         interval = max(self.lease_seconds / 3, 0.05)
-        with ShardHeartbeat(self.db, self.name, shard, interval, self.clock) as beat:
+        with shard_heartbeat(self.db, self.name, lambda: shard, interval, self.clock) as beat:
             while True:
                 position = ShardPosition(self.db, self.name, joined, shard)
                 scoped = plans.bounded(self.migration, shard.bounds.lo, shard.bounds.hi)
@@ -328,18 +250,17 @@ class Worker:
                         ending, rows = self._batches(shard, batches, pause, beat, signals, deadline)
                         processed += rows
                 except ShardMoved:
-                    shard = self._reload(shard)
-                    beat.shard = shard
+                    shard = self._reload(shard)  # (the heartbeat reads it)
                     continue
                 except (retry.RetriesExhausted, RowFailed) as failure:
-                    self._fail(joined, failure)
+                    self._end(joined).fail(failure)
                     self._let_go(shard)
                     return Ending.STOPPED, processed, failure
                 if ending is Ending.DONE:
-                    self._finish_if_last(joined)
+                    self._end(joined).to(State.SUCCESS)
                     return ending, processed, None
                 if ending is Ending.STOPPED:
-                    self._stop(joined)
+                    self._end(joined).cancel_if_asked()
                 self._let_go(position.shard)
                 return ending, processed, None
 
@@ -348,7 +269,7 @@ class Worker:
         shard: ShardRecord,
         batches: Batches,
         pause: float,
-        beat: ShardHeartbeat,
+        beat: leases.Heartbeat,
         signals: StopSignals,
         deadline: float | None,
     ) -> tuple[Ending, int]:
@@ -358,8 +279,8 @@ class Worker:
                 raise LeaseLost(self.name)
             if signals.received is not None:
                 return Ending.LEFT, processed
-            if deadline is not None and self.clock() >= deadline:
-                return Ending.BUDGET, processed
+            if deadline is not None and processed and self.clock() >= deadline:
+                return Ending.BUDGET, processed  # (a step does at least one batch)
             batch = retry.call(
                 batches.next,
                 migration=self.name,
@@ -400,98 +321,83 @@ class Worker:
         return now
 
     def _let_go(self, shard: ShardRecord) -> None:
-        with self.db.write(meanwhile=_nothing) as conn:
+        with self.db.write(meanwhile=nothing) as conn:
             now = shards.reload(conn, self.name, shard.id)
             if now.generation == shard.generation and now.state is ShardState.IN_PROGRESS:
                 shards.let_go(conn, self.name, now, self.clock())
 
-    # -- the run's end: one transition, whichever worker gets there ---------------------------
-
-    def _end(self, joined: Joined, target: State, **values: Any) -> bool:
-        """Move the run from inProgress to `target`; False when another worker (or a claim)
-        got there first, which is not an error for a worker."""
-        try:
-            with self.db.write(meanwhile=_nothing) as conn:
-                if target is State.SUCCESS and not all(
-                    s.state is ShardState.DONE for s in shards.load(conn, self.name)
-                ):
-                    return False
-                records.transition(
-                    conn,
-                    self.name,
-                    at_generation=joined.generation,
-                    source=State.IN_PROGRESS,
-                    target=target,
-                    finished_at=self.clock(),
-                    updated_at=self.clock(),
-                    heartbeat_at=None,
-                    **values,
-                )
-        except LeaseLost:
-            return False
-        self.emit(StateChanged(self.name, self.clock(), str(State.IN_PROGRESS), str(target)))
-        return True
-
-    def _finish_if_last(self, joined: Joined) -> None:
-        # Each worker looks after its own commit: the last shard's worker sees every one done.
-        self._end(joined, State.SUCCESS)
-
-    def end_if_done(self, joined: Joined) -> bool:
-        """Whether the run has ended; when every shard is done, it ends with `success` (even
-        if the worker of the last shard died before it could say so)."""
-        record = self._record()
-        if record is None or record.state is not State.IN_PROGRESS:
-            return True
-        if record.generation != joined.generation:
-            return True
-        if record.plan and all(s.state is ShardState.DONE for s in record.plan):
-            self._end(joined, State.SUCCESS)
-            return True
-        return False
-
-    def _stop(self, joined: Joined) -> None:
-        record = self._record()
-        if record is not None and record.state is State.IN_PROGRESS and record["cancel_requested"]:
-            self._end(joined, State.CANCELED)
-
-    def _fail(self, joined: Joined, failure: RowFailed | retry.RetriesExhausted) -> None:
-        row = failure if isinstance(failure, RowFailed) else None
-        if self._end(
+    def _end(self, joined: Joined) -> RunEnd:
+        return RunEnd(
+            self.db,
+            self.name,
             joined,
-            State.FAILED,
-            error_message=failure.message,
-            error_type=failure.error_type,
-            error_row_id=None if row is None else json.dumps(row.row_id, default=str),
-            error_field=None if row is None else row.field,
-        ):
-            self.emit(
-                RunError(
-                    self.name,
-                    self.clock(),
-                    failure.message,
-                    failure.error_type,
-                    None if row is None else row.row_id,
-                    None if row is None else row.field,
-                )
-            )
+            clock=self.clock,
+            emit=self.emit,
+            seen=self._seen,
+            me=self.me,
+        )
 
-    def cancel(self, joined: Joined, *, alone_only: bool) -> None:
-        """After a signal stopped this worker: cancel the run (`alone_only`: only when no other
-        worker holds a shard, so a lone worker's Ctrl-C means what it means for `run`, and one
-        of many leaving lets the others go on)."""
-        record = self._record()
-        if record is None or record.state is not State.IN_PROGRESS:
-            return
-        seen = self._seen()
-        others = [
-            s
-            for s in record.plan
-            if shards.observed(s, seen) is ShardState.IN_PROGRESS and s.holder != self.me
-        ]
-        if not (alone_only and others):
-            self._end(joined, State.CANCELED)
+    # -- a worker until nothing is left, and a step ---------------------------------------------
 
-    def finished(self, joined: Joined, result: WorkResult) -> WorkResult:
+    def work(
+        self,
+        joined: Joined,
+        size: int,
+        policy: OnError,
+        pause: float,
+        sql: bool,
+        *,
+        wait: bool,
+        signal_cancels: bool,
+    ) -> WorkResult:
+        """Take shards one at a time until none is left to claim or split (`wait`: until the
+        run ends). A signal stops this worker after its batch and lets its shard go; with
+        `signal_cancels` (`run`) it cancels the run, else only when no other worker holds a
+        shard (the others go on)."""
+        processed, left = 0, False
+        error: RowFailed | retry.RetriesExhausted | None = None
+        end = self._end(joined)
+        try:
+            with StopSignals() as signals:
+                while error is None and not left:
+                    shard = self.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
+                    if shard is None:
+                        if end.ended() or not wait:
+                            break
+                        left = signals.received is not None
+                        self.sleep(min(1.0, self.lease_seconds / 3))
+                        continue
+                    ending, rows, error = self.work_shard(
+                        joined, shard, size, policy, pause, signals, sql
+                    )
+                    processed += rows
+                    left = ending is Ending.LEFT
+                    if ending is Ending.STOPPED:
+                        break
+                if left:
+                    end.cancel(alone_only=not signal_cancels)
+        except BackfillError as failure:
+            self._finished_by(joined, failure)
+            raise
+        status = self._status(self.name)
+        return self._finished(
+            joined, WorkResult(self.name, status, processed, left=left, error=error)
+        )
+
+    def step(self, joined: Joined, size: int, policy: OnError, sql: bool, budget: float) -> int:
+        """One shard's batches for about `budget` seconds (at least one batch), then let it go:
+        the rows processed (0 when there was nothing to take)."""
+        deadline = self.clock() + budget
+        shard = self.take(joined, split_below=SPLIT_BELOW_BATCHES * size)
+        if shard is None:
+            self._end(joined).ended()
+            return 0
+        _ending, processed, _failure = self.work_shard(
+            joined, shard, size, policy, 0.0, StopSignals(), sql, deadline
+        )
+        return processed
+
+    def _finished(self, joined: Joined, result: WorkResult) -> WorkResult:
         self.emit(
             RunFinished(
                 self.name,
@@ -503,52 +409,10 @@ class Worker:
         )
         return result
 
-    def end_by_error(self, joined: Joined, error: BackfillError) -> None:
+    def _finished_by(self, joined: Joined, error: BackfillError) -> None:
         state: str | None
         try:
             state = str(self._status(self.name).state)
         except BackfillError:
             state = None
         self.emit(RunFinished(self.name, self.clock(), state, error.exit_code, joined.run_id))
-
-
-def _nothing() -> None:
-    """Between SQLite's tries for the write lock: nothing to refuse early (store.locks)."""
-
-
-class ShardHeartbeat:
-    """Beats the held shard's heartbeat in a background thread, so a slow batch or a pause never
-    looks like a dead worker; `lost` when the shard was taken over."""
-
-    def __init__(
-        self, db: Database, name: str, shard: ShardRecord, interval: float, clock: Clock
-    ) -> None:
-        self._db, self._name, self.shard = db, name, shard
-        self._interval, self._clock = interval, clock
-        self._stop = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"heartbeat-{name}-{shard.id}", daemon=True
-        )
-
-    def __enter__(self) -> ShardHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-            shard = self.shard
-            try:
-                with self._db.write() as conn:
-                    held = shards.update_held(
-                        conn, self._name, shard.id, shard.generation, heartbeat_at=self._clock()
-                    )
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease absorbs it
-                continue
-            if not held and not self._stop.is_set():
-                self.lost.set()
-                return

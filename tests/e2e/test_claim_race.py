@@ -32,7 +32,13 @@ ROWS = 150
 # 4 ms a row: a run lasts 0.6 s, far longer than the racers take to claim, so a refused racer
 # is refused because the winner holds the migration, never because it already finished.
 DELAY = {"SHAPES_ROW_DELAY": "0.004"}
-ENGINE_TABLES = ("_migration_errors", "_migration_runs", "_migrations", "_backfill_schema")
+ENGINE_TABLES = (
+    "_migration_errors",
+    "_migration_runs",
+    "_migration_shards",
+    "_migrations",
+    "_backfill_schema",
+)
 
 
 @pytest.fixture

@@ -69,15 +69,15 @@ def assert_nothing_twice(h: Harness) -> int:
     return sum(r[3] for r in rows)
 
 
-def finish(h: Harness, procs: list[Proc], timeout: float = 120) -> None:
+def finish(h: Harness, procs: list[Proc], *extra: str, timeout: float = 120) -> None:
     """Wait for the workers still running; they exit 0 (the run succeeded, or others finish
-    it); then, if the run is not done (its last workers were killed), one more worker
-    finishes it."""
+    it); then, if the run is not done (its last workers were killed: a new worker then
+    resumes it as a run of its own), one more worker finishes it."""
     for proc in procs:
         if proc.running():
             assert proc.wait(timeout) == 0, proc.output()
     if h.status()["state"] != "success":
-        final = h.cli("worker", NAME, "--batch-size", "50", timeout=timeout)
+        final = h.cli("worker", NAME, "--batch-size", "50", *extra, timeout=timeout)
         assert final.returncode == 0, final.stdout + final.stderr
 
 
@@ -100,7 +100,9 @@ def test_sigkilled_workers_are_replaced_and_every_row_is_done_once(tmp_path, req
     context = f"(CRASH_SEED={seed})"
     try:
         sources = h.seed(ROWS, seed=seed)
-        workers = [h.start("worker", NAME, "--batch-size", "50", env=SLOW) for _ in range(4)]
+        events = tmp_path / "events.jsonl"
+        worker = ("worker", NAME, "--batch-size", "50", "--events", str(events))
+        workers = [h.start(*worker, env=SLOW) for _ in range(4)]
         inside = 0
         for kill in range(KILLS):
             live = {w.pid: w for w in workers if w.running()}
@@ -116,12 +118,17 @@ def test_sigkilled_workers_are_replaced_and_every_row_is_done_once(tmp_path, req
             assert status["state"] == "inProgress", f"kill #{kill}: {status} {context}"
             assert_nothing_twice(h)  # (the others go on committing: counters are checked last)
             assert 0 < status["progress"]["processed"] < ROWS, f"kill #{kill} {context}"
-            workers.append(h.start("worker", NAME, "--batch-size", "50", env=SLOW))
+            workers.append(h.start(*worker, env=SLOW))
         assert inside >= KILLS // 2, f"{inside} kills inside a transaction {context}"
-        finish(h, workers)
+        finish(h, workers, "--events", str(events))
         assert_every_row_once(h, sources)
-        runs = h.query("SELECT COUNT(*) FROM _migration_runs WHERE migration = :n", {"n": NAME})
-        assert runs[0][0] == 1, "the workers that joined late joined the same run"
+        # One `success`: one transition, by whichever worker got there.
+        ended = [
+            e
+            for e in map(json.loads, events.read_text().splitlines())
+            if e["event"] == "state" and e["to"] == "success"
+        ]
+        assert len(ended) == 1, ended
     finally:
         h.cleanup()
 
@@ -331,5 +338,26 @@ def test_status_json_shows_shards_as_the_contract_says(tmp_path, postgres_url):
         after = h.status()
         assert after["state"] == "interrupted" and after["workers"] == 0, after
         assert any(s["state"] == "interrupted" for s in after["shards"]), after["shards"]
+    finally:
+        h.cleanup()
+
+
+def test_a_worker_with_nothing_to_take_says_so_or_waits_for_the_end(tmp_path, postgres_url):
+    """A run of one shard (its range holds fewer than 16 batches), too small to split: a second
+    worker exits at once (0, others are finishing it); one with --wait exits when the run ends,
+    with its outcome."""
+    h = harness(tmp_path, postgres_url)
+    try:
+        sources = h.seed(150)
+        slow = {"COUNTING_ROW_DELAY": "0.01"}  # 1.5 s in all
+        first = h.start("worker", NAME, "--batch-size", "50", env=slow)
+        wait_for(lambda: shard_holders(h).get(first.pid) is not None, "the one shard held")
+        waiting = h.start("worker", NAME, "--batch-size", "50", "--wait")
+        idle = h.cli("worker", NAME, "--batch-size", "50")
+        assert idle.returncode == 0 and "nothing left to take" in idle.stdout, idle.stdout
+        assert first.running() and waiting.running()
+        assert first.wait(60) == 0 and waiting.wait(60) == 0, waiting.output()
+        assert "success" in waiting.stdout(), waiting.output()
+        assert_every_row_once(h, sources)
     finally:
         h.cleanup()

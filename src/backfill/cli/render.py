@@ -103,7 +103,13 @@ def status_table(report: Mapping[str, MigrationStatus]) -> Table:
 def status_details(report: Mapping[str, MigrationStatus]) -> list[str]:
     lines = []
     for name, status in report.items():
-        if status.runner is not None:
+        if status.shards:
+            done = sum(1 for s in status.shards if str(s.state) == "done")
+            lines.append(
+                f"{name}: {status.workers} workers, {done} of {len(status.shards)} shards done "
+                "(`--shards` lists them)"
+            )
+        elif status.runner is not None:
             lines.append(f"{name}: runner host {status.runner.host}, pid {status.runner.pid}")
         if status.error is not None:
             where = f"row {status.error.row_id!r}"

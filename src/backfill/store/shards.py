@@ -150,23 +150,22 @@ def claim(
 ) -> ShardRecord | None:
     """Take a free shard for `me` in the run `run_id`: one whose worker is gone first (its
     progress is furthest along), else the first pending one. None when every shard is done or
-    held by a live worker (or locked by another claim this instant)."""
+    held by a live worker (or being taken by another claim this instant).
+
+    Where the dialect locks rows, each candidate is read again locked, one row at a time,
+    skipping a row another claim holds (`FOR UPDATE SKIP LOCKED` on its key: one row locked,
+    never the others), so claims at the same instant take different shards, none waits for
+    another, and none finds nothing while a shard is free. The compare-and-set of `transition`
+    is the guarantee; the lock spares the misses."""
     free = [s for s in load(conn, name) if observed(s, seen) in _CLAIMABLE]
-    if not free:
-        return None
-    if conn.dialect.name in LOCKING:
-        # Read again, locked: a row another claim is taking is skipped, not waited for.
-        locked = conn.execute(
-            sa.select(shards)
-            .where(shards.c.migration == name)
-            .where(shards.c.id.in_([s.id for s in free]))
-            .with_for_update(skip_locked=True)
-        ).mappings()
-        free = [
-            s for s in (ShardRecord(dict(r)) for r in locked) if observed(s, seen) in _CLAIMABLE
-        ]
     free.sort(key=lambda s: (observed(s, seen) is not ShardState.INTERRUPTED, s.id))
-    for shard in free:
+    for candidate in free:
+        shard: ShardRecord | None = candidate
+        if conn.dialect.name in LOCKING:
+            shard = _locked_unless_held(conn, name, candidate.id)
+            if shard is None or observed(shard, seen) not in _CLAIMABLE:
+                continue
+        assert shard is not None
         if transition(
             conn,
             name,
@@ -182,6 +181,21 @@ def claim(
         ):
             return reload(conn, name, shard.id)
     return None
+
+
+def _locked_unless_held(conn: sa.Connection, name: str, shard_id: int) -> ShardRecord | None:
+    """The shard's row as committed, locked until this transaction ends; None when another
+    transaction holds it."""
+    row = (
+        conn.execute(
+            sa.select(shards)
+            .where(shards.c.migration == name, shards.c.id == shard_id)
+            .with_for_update(skip_locked=True)
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else ShardRecord(dict(row))
 
 
 _CLAIMABLE = (ShardState.PENDING, ShardState.INTERRUPTED)

@@ -1,0 +1,1 @@
+"""Optional adapters that drive backfill from tools a team already runs (each an extra)."""

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from backfill import DELETE, Migrations, Row, Runner, State
-from backfill.store import scan
+from backfill.store import writes
 from backfill.store.database import Database
 
 metadata = sa.MetaData()
@@ -106,9 +106,9 @@ class _Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.set_based = 0
         self.row_by_row = 0
-        original = scan.TableScan._write_unnest
+        original = writes.TableWrites._write_unnest
 
-        def write(self_: scan.TableScan, *args: Any) -> bool:
+        def write(self_: writes.TableWrites, *args: Any) -> bool:
             done = original(self_, *args)
             if done:
                 self.set_based += 1
@@ -116,7 +116,7 @@ class _Spy:
                 self.row_by_row += 1
             return done
 
-        monkeypatch.setattr(scan.TableScan, "_write_unnest", write)
+        monkeypatch.setattr(writes.TableWrites, "_write_unnest", write)
 
 
 def test_every_column_type_stored_as_row_by_row_updates_would(postgres_url, monkeypatch):
@@ -168,3 +168,30 @@ def test_a_value_too_long_raises_instead_of_being_truncated(postgres_url):
         assert labels == {None}  # the batch rolled back: nothing written, nothing cut short
     finally:
         db.dispose()
+
+
+def test_a_percent_sign_in_a_table_or_column_name(postgres_url):
+    """psycopg's `format` placeholders: a `%` in a name is doubled once, never twice."""
+    odd = sa.MetaData()
+    table = sa.Table(
+        "items 100%",
+        odd,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("done %", sa.Text),
+    )
+    registry = Migrations()
+
+    @registry.migration(table=table, batch_size=10)
+    def mark(row: Row) -> dict[str, Any]:
+        return {"done %": f"{row['id']}%"}
+
+    engine = sa.create_engine(postgres_url)
+    odd.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(table), [{"id": i} for i in range(1, 26)])
+    [result] = Runner(postgres_url, registry).run(["mark"])
+    assert result.state is State.SUCCESS and result.status.changed == 25
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(table.c["done %"]).order_by(table.c.id)).scalars().all()
+    engine.dispose()
+    assert stored == [f"{i}%" for i in range(1, 26)]

@@ -267,6 +267,7 @@ def test_a_run_whose_last_worker_died_before_saying_success_ends_with_success(ur
                 "finished_at = NULL, generation = generation + 1"
             )
         )
+        conn.execute(sa.text("UPDATE _migration_shards SET released_at = 1"))  # long ago
     assert runner.status([NAME])[NAME].state is State.INTERRUPTED
     [result] = runner.run([NAME], batch_size=20)
     assert result.state is State.SUCCESS
@@ -279,15 +280,24 @@ def test_a_run_whose_last_worker_died_before_saying_success_ends_with_success(ur
 def test_steps_far_apart_stay_one_run_after_the_claim_is_older_than_the_lease(url):
     """Each step finishes its shard and lets it go; the next comes after a pause, long after
     the claim's own heartbeat: the run is still one, in progress between steps."""
-    runner = Runner(url, migrations, lease_seconds=1.0)
+    runner = Runner(url, migrations, lease_seconds=0.6)
     states = []
     for _ in range(40):
         step = runner.step(NAME, budget_seconds=10, batch_size=50)
         if not step.more:
             break
-        time.sleep(0.25)
+        time.sleep(0.15)
         states.append(str(runner.status([NAME])[NAME].state))
     assert step.done and len(states) >= 8 and set(states) == {"inProgress"}, states
     with runner.db.read() as conn:
         assert conn.execute(sa.text("SELECT COUNT(*) FROM _migration_runs")).scalar() == 1
     runner.db.dispose()
+
+
+def test_a_worker_gone_here_ends_the_grace_of_a_shard_let_go():
+    """Let go a moment ago, but another shard is held by a worker whose process is gone on this
+    host: the run is interrupted at once (it crashed; it did not pause between steps)."""
+    released = shard("done", released_at=NOW - 1)
+    dead = shard("inProgress", id=1, runner_host="here", runner_pid=7, heartbeat_at=NOW - 1)
+    assert observed(record(released, dead), dead=frozenset({7})) is State.INTERRUPTED
+    assert observed(record(released, dead)) is State.IN_PROGRESS

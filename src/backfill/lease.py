@@ -37,16 +37,21 @@ def observed_state(
     """The state as people see it: a stored inProgress whose runner is gone is interrupted:
     its heartbeat is older than `lease` seconds, or it ran on this host and `alive(pid)` says
     its process is gone. A run with a plan (workers) is in progress while its runner (who
-    claimed it) is, or a shard is held by a live worker, or one was let go less than `lease`
+    claimed it) is, or a shard is held by a live worker, or, when no shard is held by a worker
+    known to be gone (on this host: seen at once), one was let go or finished less than `lease`
     seconds ago (the steps of a job queue, one after another, are one run)."""
     if record is None:
         return State.PENDING
     stored = record.state
     if stored is not State.IN_PROGRESS:
         return stored
-    if live_holders(record, Liveness(now, lease, here, alive)):
+    seen = Liveness(now, lease, here, alive)
+    if live_holders(record, seen):
         return State.IN_PROGRESS
-    if any(Liveness(now, lease, here, alive).recent(s["released_at"]) for s in record.plan):
+    held = [s for s in record.plan if s.state is ShardState.IN_PROGRESS]
+    if any(seen.gone(s["runner_host"], s["runner_pid"]) for s in held):
+        return State.INTERRUPTED
+    if any(seen.recent(s["released_at"]) for s in record.plan):
         return State.IN_PROGRESS
     return State.INTERRUPTED
 

@@ -57,7 +57,7 @@ class ShardPosition:
         also = {"hi": held["hi"], "run_id": self.joined.run_id}
         values.update(heartbeat_at=now)
         if done:
-            moved = shards.transition(
+            advanced = shards.transition(
                 conn,
                 self.name,
                 held,
@@ -70,8 +70,8 @@ class ShardPosition:
                 **values,
             )
         else:
-            moved = shards.update_held(conn, self.name, held.id, held.generation, also, **values)
-        if not moved:
+            advanced = shards.update_held(conn, self.name, held.id, held.generation, also, **values)
+        if not advanced:
             self._lost(conn)
 
     def _lost(self, conn: sa.Connection) -> None:

@@ -77,7 +77,11 @@ class Liveness:
     def holds(self, heartbeat_at: float | None, host: str | None, pid: int | None) -> bool:
         if heartbeat_at is None or self.now - heartbeat_at > self.lease:
             return False
-        return not (host == self.here.host and pid is not None and not self.alive(pid))
+        return not self.gone(host, pid)
+
+    def gone(self, host: str | None, pid: int | None) -> bool:
+        """Known to be gone: it ran on this host and its process no longer exists."""
+        return host == self.here.host and pid is not None and not self.alive(pid)
 
     def recent(self, moment: float | None) -> bool:
         """`moment` lies less than the lease time ago."""

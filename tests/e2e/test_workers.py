@@ -361,3 +361,35 @@ def test_a_worker_with_nothing_to_take_says_so_or_waits_for_the_end(tmp_path, po
         assert_every_row_once(h, sources)
     finally:
         h.cleanup()
+
+
+def test_a_signal_stops_one_worker_and_the_last_one_cancels_the_run(tmp_path, postgres_url):
+    """SIGTERM to one of two workers: it ends its batch, lets its shard go (exit 3) and the
+    other finishes the run. SIGTERM to a lone worker: the run is canceled, as for `run`."""
+    h = harness(tmp_path, postgres_url)
+    try:
+        sources = h.seed(1_500)
+        a, b = (h.start("worker", NAME, "--batch-size", "50", env=SLOW) for _ in range(2))
+        held = wait_for(lambda: shard_holders(h).get(a.pid), "A to hold a shard", procs=(a,))
+        wait_for(lambda: b.pid in shard_holders(h), "B to hold a shard", procs=(b,))
+        a.send(signal.SIGTERM)
+        assert a.wait(60) == 3, a.output()
+        assert "this worker stopped" in a.stderr(), a.output()
+        (let_go,) = h.query(
+            "SELECT state, runner_pid, cursor FROM _migration_shards WHERE migration = :n "
+            "AND id = :i",
+            {"n": NAME, "i": held},
+        )
+        assert let_go[1] != a.pid and let_go[0] in ("pending", "inProgress", "done"), let_go
+        assert b.wait(120) == 0, b.output()
+        assert_every_row_once(h, sources)
+
+        h.seed(1_500, seed=1)
+        lone = h.start("worker", NAME, "--batch-size", "50", "--restart", env=SLOW)
+        wait_for(lambda: shard_holders(h).get(lone.pid) is not None, "a lone worker at work")
+        lone.send(signal.SIGTERM)
+        assert lone.wait(60) == 3, lone.output()
+        status = h.status()
+        assert status["state"] == "canceled" and status["workers"] == 0, status
+    finally:
+        h.cleanup()

@@ -1,4 +1,5 @@
-"""The two hot statements of a batch for one migration's table: read after a cursor, write changes.
+"""The two hot statements of a batch for one migration's table: read after a cursor, and write
+the changes (store.writes, which TableScan hands the write to).
 
 Both are built with SQLAlchemy Core (quoting, dialect compilation) once per migration, then sent
 straight to the driver with plain tuples: measured, SQLAlchemy's per-row result and JSON
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,10 +21,10 @@ from backfill.store.database import driver
 from backfill.store.dialects import JSON_AS_TEXT, LOCKING
 from backfill.store.statement import Statement
 from backfill.store.values import Fault, Rows, Writes, decode_json, is_json
+from backfill.store.writes import TableWrites
 from backfill.types import Key
 
 Snapshot = tuple[int, int]
-_ROWS_PER_STATEMENT = 5000
 
 
 def keyset_read(
@@ -60,6 +60,7 @@ class TableScan:
         self.columns = migration.read_columns
         self.names = [c.name for c in self.columns]
         self.key_width = len(migration.key)
+        self.key_names = frozenset(c.name for c in migration.key)
         self.column_names = frozenset(c.name for c in table.columns)
         # Drivers that hand back JSON as text (SQLite; MariaDB, whose JSON is LONGTEXT, and
         # MySQL through PyMySQL) need decoding; psycopg decodes jsonb itself.
@@ -69,10 +70,8 @@ class TableScan:
         self._range = migration.range
         self._select = sa.select(*self.columns)
         self._reads: dict[tuple[bool, int, bool], Statement] = {}
-        self._writes: dict[tuple[str, ...], Statement] = {}
-        self._joined: dict[tuple[tuple[str, ...], int], str] = {}
-        self._unnests: dict[tuple[str, ...], str | None] = {}
         self._triggers: bool | None = None  # None: not looked up yet
+        self.writer = TableWrites(engine, migration)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -184,131 +183,11 @@ class TableScan:
     # -- writing ------------------------------------------------------------------------------
 
     def writes(self) -> Writes:
-        return Writes(self.json_names)
-
-    def _write_statement(self, names: tuple[str, ...]) -> Statement:
-        cached = self._writes.get(names)
-        if cached is None:
-            table = self.migration.table
-            statement = sa.update(table).values(
-                {
-                    table.c[n]: sa.bindparam(f"v{i}", type_=table.c[n].type)
-                    for i, n in enumerate(names)
-                }
-            )
-            for i, column in enumerate(self.migration.key):
-                statement = statement.where(column == sa.bindparam(f"k{i}", type_=column.type))
-            params = [f"v{i}" for i in range(len(names))] + [f"k{i}" for i in range(self.key_width)]
-            cached = Statement.compile(statement, self.dialect, params)
-            self._writes[names] = cached
-        return cached
+        return self.writer.writes()
 
     def write(self, conn: sa.Connection, writes: Writes) -> None:
-        """Write every changed row, a group of rows changing the same columns at a time."""
-        raw = driver(conn).cursor()
-        try:
-            for names, rows in writes.groups.items():
-                if self.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
-                    self._write_joined(raw, names, rows)
-                    continue
-                unnest = self._unnest_sql(names)
-                if unnest is not None and self._write_unnest(raw, unnest, names, rows):
-                    continue
-                statement = self._write_statement(names)
-                if statement.order is not None or statement.constants:
-                    rows = [statement.params(row) for row in rows]
-                raw.executemany(statement.sql, rows)
-        finally:
-            raw.close()
-
-    def _unnest_sql(self, names: tuple[str, ...]) -> str | None:
-        """PostgreSQL with psycopg 3: `UPDATE t SET c = _changes.v0 FROM unnest(%b::JSONB[],
-        %b::INTEGER[]) AS _changes(v0, k0) WHERE t.k = _changes.k0`, a whole group of rows in one
-        statement and one round trip. Arrays go in binary (psycopg's text format escapes each
-        element in Python: measured, slower than the row-by-row `executemany` it replaces).
-        None where that cannot be done faithfully: rows then go one by one."""
-        if names in self._unnests:
-            return self._unnests[names]
-        cached = None
-        if self.dialect.name == "postgresql" and self.dialect.driver == "psycopg":
-            table = self.migration.table
-            columns = [table.c[n] for n in names] + list(self.migration.key)
-            types = [_array_element_type(c, self.dialect) for c in columns]
-            if all(types):
-                preparer = self.dialect.identifier_preparer
-
-                def quote(name: str) -> str:  # a % in a name must not read as a placeholder
-                    return preparer.quote(name).replace("%", "%%")
-
-                target = preparer.format_table(table).replace("%", "%%")
-                keys = [f"k{i}" for i in range(self.key_width)]
-                aliases = [f"v{i}" for i in range(len(names))] + keys
-                arrays = ", ".join(f"%b::{t}[]" for t in types)
-                sets = ", ".join(f"{quote(n)} = _changes.v{i}" for i, n in enumerate(names))
-                match = " AND ".join(
-                    f"{target}.{quote(c.name)} = _changes.{k}"
-                    for c, k in zip(self.migration.key, keys, strict=True)
-                )
-                cached = (
-                    f"UPDATE {target} SET {sets} FROM unnest({arrays}) "
-                    f"AS _changes({', '.join(aliases)}) WHERE {match}"
-                )
-        self._unnests[names] = cached
-        return cached
-
-    def _write_unnest(
-        self, raw: Any, sql: str, names: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> bool:
-        """Send a group as one `UPDATE ... FROM unnest(...)`; False, with nothing sent, when
-        psycopg cannot make arrays of its values (mixed Python types in a column, say ints in
-        a float column): the caller then writes the group row by row, as before."""
-        arrays = [list(column) for column in zip(*rows, strict=True)]
-        for name, values in zip(names, arrays, strict=False):
-            # A list where a plain column expects a scalar: unnest would flatten it into
-            # neighbouring rows' values. Only JSON columns hold documents (encoded already).
-            if name not in self.json_names and any(type(v) in (list, tuple) for v in values):
-                return False
-        try:
-            raw.execute(sql, arrays)
-        except Exception as error:
-            # Raised while adapting the parameters, before anything reached the server (no
-            # SQLSTATE, the transaction still usable); a server error is the batch's.
-            if getattr(error, "sqlstate", None) is None and _usable(raw):
-                return False
-            raise
-        return True
-
-    def _write_joined(self, raw: Any, names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        """SQLite: one `UPDATE ... FROM (VALUES ...)` for the group (or as many rows as SQLite
-        takes parameters for). Measured alone, it costs SQLite about a fifth more than
-        `executemany` (the rows are materialised first), but it is one driver call, which
-        releases the GIL for the whole statement: `executemany` takes the GIL back after every
-        row, and would wait for it each time while the next batch is decided in the other
-        thread."""
-        width = len(names) + self.key_width
-        limit = raw.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        step = max(1, min(_ROWS_PER_STATEMENT, limit // width))
-        for start in range(0, len(rows), step):
-            chunk = rows[start : start + step]
-            raw.execute(self._joined_sql(names, len(chunk)), list(chain.from_iterable(chunk)))
-
-    def _joined_sql(self, names: tuple[str, ...], count: int) -> str:
-        cached = self._joined.get((names, count))
-        if cached is None:
-            quote = self.dialect.identifier_preparer.quote
-            table = self.dialect.identifier_preparer.format_table(self.migration.table)
-            keys = [c.name for c in self.migration.key]
-            columns = [f"v{i}" for i in range(len(names))] + [f"k{i}" for i in range(len(keys))]
-            row = "(" + ", ".join("?" * len(columns)) + ")"
-            sets = ", ".join(f"{quote(n)} = _changes.v{i}" for i, n in enumerate(names))
-            match = " AND ".join(f"{table}.{quote(k)} = _changes.k{i}" for i, k in enumerate(keys))
-            cached = (
-                f"WITH _changes({', '.join(columns)}) AS (VALUES {', '.join([row] * count)}) "
-                f"UPDATE {table} SET {sets} FROM _changes WHERE {match}"
-            )
-            if len(self._joined) < 64:  # a few sizes recur (full chunks); others are one-offs
-                self._joined[(names, count)] = cached
-        return cached
+        """Write every changed row (store.writes)."""
+        self.writer.write(conn, writes)
 
 
 def _has_triggers(conn: sa.Connection, migration: Migration) -> bool:
@@ -323,34 +202,6 @@ def _has_triggers(conn: sa.Connection, migration: Migration) -> bool:
     finally:
         raw.close()
     return found is not None
-
-
-def _array_element_type(column: sa.Column[Any], dialect: sa.Dialect) -> str | None:
-    """The type an array parameter for `column` is cast to, with no length or precision: an
-    explicit cast to VARCHAR(16) silently truncates where assigning to the column raises, so
-    strings go as TEXT and numerics as NUMERIC, and the column's own type applies on
-    assignment. None for a type this cannot be said of safely (array columns, which unnest
-    would flatten; types with modifiers; types that do not compile)."""
-    type_: Any = column.type.dialect_impl(dialect)
-    while isinstance(type_, sa.TypeDecorator):
-        type_ = type_.impl_instance.dialect_impl(dialect)
-    if isinstance(type_, sa.ARRAY):
-        return None
-    if isinstance(type_, sa.String) and not isinstance(type_, sa.Enum):
-        return "TEXT"
-    if isinstance(type_, sa.Numeric) and not isinstance(type_, sa.Float):
-        return "NUMERIC"
-    try:
-        compiled: str = type_.compile(dialect=dialect)
-    except Exception:  # noqa: BLE001 - a type we cannot name
-        return None
-    return None if "(" in compiled or "[" in compiled else compiled
-
-
-def _usable(raw: Any) -> bool:
-    """psycopg: the connection is still inside a transaction that has not failed."""
-    status = getattr(getattr(raw.connection, "info", None), "transaction_status", None)
-    return getattr(status, "name", None) == "INTRANS"
 
 
 def scan_descriptor(migration: Migration, dialect: sa.Dialect) -> str:

@@ -20,19 +20,22 @@ stand, else does it again. The runner drives the loop (lease, signals, events, p
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from backfill import retry
 from backfill.ahead import WorkAhead, interpreter_tuned
 from backfill.decision import Decider, OnError, Outcome
 from backfill.definition import Migration
 from backfill.errors import LeaseLost
+from backfill.events import BatchCommitted, shown_key
 from backfill.progress import MigrationStatus, status_of
 from backfill.state import State
 from backfill.store import records
@@ -56,6 +59,24 @@ class Batch:
     rows_changed: int
     seconds: float
     batch_size: int
+
+    def event(
+        self, migration: str, at: float, shard: int | None, processed: int, total: int | None
+    ) -> BatchCommitted:
+        """This batch as its `batch` event reports it (`processed`: the count it advanced)."""
+        return BatchCommitted(
+            migration,
+            at,
+            shard,
+            shown_key(self.first_key),
+            shown_key(self.last_key),
+            self.rows_read,
+            self.rows_changed,
+            round(self.seconds, 6),
+            self.batch_size,
+            processed,
+            total,
+        )
 
 
 class Batches:
@@ -133,6 +154,22 @@ class Batches:
             return self._next(self.in_database)
         except Rejected:
             return self._next(None)
+
+    def next_retried(
+        self, policy: retry.RetryPolicy, sleep: Callable[[float], None]
+    ) -> Batch | None:
+        """`next`, a transient error (the database's, store.transient) retried by `policy`
+        after `recover`."""
+        name = self.migration.name
+        return retry.call(
+            self.next,
+            migration=name,
+            policy=policy,
+            classify=self.db.transient,
+            recover=self.recover,
+            sleep=sleep,
+            on_retry=partial(retry.log_retry, name, policy.attempts),
+        )
 
     def _next(self, in_database: SqlBatch | None) -> Batch | None:
         conn = self._conn

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from backfill import lease as leases
@@ -20,13 +19,11 @@ from backfill.definition import Migration
 from backfill.dry_run import DryRun
 from backfill.errors import BackfillError, LeaseLost, RowFailed, SchemaMismatch
 from backfill.events import (
-    BatchCommitted,
     Emitter,
     RunError,
     RunFinished,
     RunStarted,
     StateChanged,
-    shown_key,
 )
 from backfill.progress import MigrationStatus
 from backfill.state import State
@@ -184,15 +181,7 @@ class Run:
             if signals.received is not None:
                 return self._finish(generation, State.CANCELED)
             try:
-                batch = retry.call(
-                    batches.next,
-                    migration=name,
-                    policy=self.retry_policy,
-                    classify=self.db.transient,
-                    recover=batches.recover,
-                    sleep=self.sleep,
-                    on_retry=partial(retry.log_retry, name, self.retry_policy.attempts),
-                )
+                batch = batches.next_retried(self.retry_policy, self.sleep)
             except (retry.RetriesExhausted, RowFailed) as failure:
                 # A row at fault names its id and field; exhausted retries name only the cause.
                 row = failure if isinstance(failure, RowFailed) else None
@@ -220,21 +209,7 @@ class Run:
             # From what this run just committed: a status query per batch cost as much as the
             # batch's own bookkeeping.
             status = batches.status()
-            emit(
-                BatchCommitted(
-                    name,
-                    self.clock(),
-                    None,
-                    shown_key(batch.first_key),
-                    shown_key(batch.last_key),
-                    batch.rows_read,
-                    batch.rows_changed,
-                    round(batch.seconds, 6),
-                    batch.batch_size,
-                    status.processed,
-                    status.total,
-                )
-            )
+            emit(batch.event(name, self.clock(), None, status.processed, status.total))
             if batch.done:
                 emit(StateChanged(name, self.clock(), str(State.IN_PROGRESS), str(State.SUCCESS)))
                 return RunResult(name, self.status(name))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,11 +22,9 @@ from backfill.batch import Batches
 from backfill.decision import OnError
 from backfill.errors import BackfillError, LeaseHeld, LeaseLost, RowFailed
 from backfill.events import (
-    BatchCommitted,
     RunFinished,
     RunStarted,
     StateChanged,
-    shown_key,
 )
 from backfill.progress import MigrationStatus
 from backfill.run import Run
@@ -281,33 +278,12 @@ class Worker:
                 return Ending.LEFT, processed
             if deadline is not None and processed and self.clock() >= deadline:
                 return Ending.BUDGET, processed  # (a step does at least one batch)
-            batch = retry.call(
-                batches.next,
-                migration=self.name,
-                policy=self.retry_policy,
-                classify=self.db.transient,
-                recover=batches.recover,
-                sleep=self.sleep,
-                on_retry=partial(retry.log_retry, self.name, self.retry_policy.attempts),
-            )
+            batch = batches.next_retried(self.retry_policy, self.sleep)
             if batch is None:
                 return Ending.STOPPED, processed
             processed += batch.rows_read
-            self.emit(
-                BatchCommitted(
-                    self.name,
-                    self.clock(),
-                    shard.id,
-                    shown_key(batch.first_key),
-                    shown_key(batch.last_key),
-                    batch.rows_read,
-                    batch.rows_changed,
-                    round(batch.seconds, 6),
-                    batch.batch_size,
-                    batches.processed,  # the shard's
-                    None,
-                )
-            )
+            # A shard's batch event counts the shard's rows.
+            self.emit(batch.event(self.name, self.clock(), shard.id, batches.processed, None))
             if batch.done:
                 return Ending.DONE, processed
             if pause > 0:

@@ -393,3 +393,26 @@ def test_a_signal_stops_one_worker_and_the_last_one_cancels_the_run(tmp_path, po
         assert status["state"] == "canceled" and status["workers"] == 0, status
     finally:
         h.cleanup()
+
+
+def test_run_with_workers_restarts_a_finished_run_once(tmp_path, postgres_url):
+    """`run --workers N --restart`: the run starts over here, once; its workers join it."""
+    h = harness(tmp_path, postgres_url)
+    try:
+        sources = h.seed(1_500)
+        first = h.cli("run", NAME, "--workers", "2", "--batch-size", "50")
+        assert first.returncode == 0, first.stdout + first.stderr
+        again = h.cli("run", NAME, "--workers", "2", "--batch-size", "50", "--restart")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert_nothing_twice(h)
+        assert all(r[2] == expected_derived(sources[r[0]]) for r in h.items())
+        status = h.status()  # every row was done before: processed again, changed by none
+        assert (status["state"], status["progress"]["processed"], status["changed"]) == (
+            "success",
+            1_500,
+            0,
+        )
+        runs = h.query("SELECT COUNT(*) FROM _migration_runs WHERE migration = :n", {"n": NAME})
+        assert runs[0][0] == 2
+    finally:
+        h.cleanup()

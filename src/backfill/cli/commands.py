@@ -20,7 +20,7 @@ from backfill.cli.options import (
     global_options,
     interactive,
 )
-from backfill.cli.workers import run_with_workers, worker_command
+from backfill.cli.workers import WorkOptions, run_with_workers, worker_command
 from backfill.decision import OnError
 from backfill.errors import Refused, RowFailed
 from backfill.run import RunResult
@@ -144,11 +144,8 @@ def run(
                 g,
                 names,
                 workers,
-                batch_size=batch_size,
+                WorkOptions(batch_size, on_error, pause, python_only),
                 restart=restart,
-                on_error=on_error,
-                pause=pause,
-                python_only=python_only,
                 min_age=min_age,
                 force=force,
                 events=events,

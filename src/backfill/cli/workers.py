@@ -10,8 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
 
@@ -66,15 +67,29 @@ def worker_options(command: Callable[..., int]) -> Callable[..., int]:
     return command
 
 
+@dataclass(frozen=True)
+class WorkOptions:
+    """How a worker works, as `run` and `worker` take it (`run --workers N` passes it on)."""
+
+    batch_size: int | None
+    on_error: str
+    pause: float
+    python_only: bool
+
+    def arguments(self) -> list[str]:
+        """As options of `backfill worker`."""
+        given = ["--on-error", self.on_error, "--pause", str(self.pause)]
+        if self.batch_size is not None:
+            given += ["--batch-size", str(self.batch_size)]
+        return given + (["--python-only"] if self.python_only else [])
+
+
 def work(
     g: Globals,
     names: tuple[str, ...],
+    options: WorkOptions,
     *,
-    batch_size: int | None,
     restart: bool,
-    on_error: str,
-    pause: float,
-    python_only: bool,
     wait: bool,
     min_age: timedelta | None,
     force: bool,
@@ -89,16 +104,16 @@ def work(
         with render.RunProgress() as progress, _following(runner, name, progress, quiet):
             result = runner.work(
                 name,
-                batch_size=batch_size,
+                batch_size=options.batch_size,
                 restart=restart,
-                on_error=OnError(on_error),
+                on_error=OnError(options.on_error),
                 min_age=min_age,
                 force=force,
-                pause=pause,
+                pause=options.pause,
                 wait=wait,
                 workers=workers,
                 listeners=listeners,
-                sql=not python_only,
+                sql=not options.python_only,
             )
         code = _report(result, g.json)
         if code:
@@ -162,27 +177,18 @@ def run_with_workers(
     g: Globals,
     names: tuple[str, ...],
     workers: int,
+    options: WorkOptions,
     *,
-    batch_size: int | None,
     restart: bool,
-    on_error: str,
-    pause: float,
-    python_only: bool,
     min_age: timedelta | None,
     force: bool,
     events: str | None,
     listeners: list[Listener],
 ) -> int:
-    """`run NAME --workers N`: start or resume each run here (gates, confirmation and refusals
-    come back at once), then N `backfill worker` processes work it; exits with its outcome."""
+    """`run NAME --workers N`: start or resume each run here (gates, confirmation, `--restart`
+    and refusals come back at once), then N `backfill worker` processes join it; exits with its
+    outcome."""
     runner = g.runner()
-    options: dict[str, object] = dict(
-        batch_size=batch_size,
-        restart=restart,
-        on_error=on_error,
-        pause=pause,
-        python_only=python_only,
-    )
     if runner.db.dialect == "sqlite":
         render.err.print(
             "SQLite lets one connection write at a time: running one worker, here "
@@ -191,11 +197,8 @@ def run_with_workers(
         return work(
             g,
             names,
-            batch_size=batch_size,
+            options,
             restart=restart,
-            on_error=on_error,
-            pause=pause,
-            python_only=python_only,
             wait=False,
             min_age=min_age,
             force=force,
@@ -208,11 +211,11 @@ def run_with_workers(
         ready = runner.begin(
             name,
             workers,
-            batch_size=batch_size,
+            batch_size=options.batch_size,
             restart=restart,
             min_age=min_age,
             force=force,
-            sql=not python_only,
+            sql=not options.python_only,
             listeners=listeners,
         )
         if ready is not None:
@@ -229,17 +232,13 @@ def _follow_workers(
     runner: Runner,
     name: str,
     workers: int,
-    options: Mapping[str, object],
+    options: WorkOptions,
     events: str | None,
 ) -> int:
     settings = g.settings
+    # They join the run begun here (never with --restart: it would refuse the run they join).
     command = [sys.executable, "-m", "backfill", "worker", name, "--yes", "--quiet"]
-    for option, value in options.items():
-        flag = "--" + option.replace("_", "-")
-        if value is True:
-            command.append(flag)
-        elif value not in (None, False):
-            command += [flag, str(value)]
+    command += options.arguments()
     if events is not None:
         command += ["--events", os.path.abspath(events)]
     # The URL goes by the environment, never on a command line others can read (ps).
@@ -349,11 +348,8 @@ def worker_command(
         return work(
             g,
             names,
-            batch_size=batch_size,
+            WorkOptions(batch_size, on_error, pause, python_only),
             restart=restart,
-            on_error=on_error,
-            pause=pause,
-            python_only=python_only,
             wait=wait,
             min_age=min_age,
             force=force,

@@ -65,12 +65,15 @@ class LeaseHeld(Refused):
         host: str | None,
         pid: int | None,
         others: Sequence[tuple[str, int]] = (),
+        *,
+        workers: bool = False,
     ) -> None:
-        """`host` and `pid` name the holder (the first, for a run with workers; `others` are
-        the rest)."""
+        """`host` and `pid` name the holder (the first of the `workers` of a run with a plan;
+        `others` are the rest)."""
         holders = [(host, pid), *others]
-        named = ", ".join(f"host {h}, pid {p}" for h, p in holders)
-        who = f"a live runner ({named})" if len(holders) == 1 else f"live workers ({named})"
+        named = "; ".join(f"host {h}, pid {p}" for h, p in holders)
+        kind = "worker" if workers else "runner"
+        who = f"a live {kind} ({named})" if len(holders) == 1 else f"live {kind}s ({named})"
         super().__init__(
             f"migration {migration!r} is being run by {who}; "
             "wait for it, or stop it with `backfill cancel`"

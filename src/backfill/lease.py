@@ -82,7 +82,8 @@ def refuse_if_live(
     if not holders:
         raise LeaseHeld(name, record["runner_host"], record["runner_pid"])
     first, *rest = holders
-    raise LeaseHeld(name, first.host, first.pid, [(h.host, h.pid) for h in rest])
+    others = [(h.host, h.pid) for h in rest]
+    raise LeaseHeld(name, first.host, first.pid, others, workers=bool(record.plan))
 
 
 def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Identity) -> None:

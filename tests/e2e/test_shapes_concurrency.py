@@ -9,15 +9,19 @@ refused, or revived after losing its lease, is seen to have committed nothing.
 from __future__ import annotations
 
 import json
-import random
 import signal
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HOST, Proc, committed_by, pid_exited_unreaped, wait_for
+from harness import (
+    HOST,
+    Proc,
+    committed_by,
+    freeze_outside_transaction,
+    pid_exited_unreaped,
+    wait_for,
+)
 from test_shapes_crash import (
     ShapesHarness,
     assert_copy_all_once,
@@ -169,25 +173,6 @@ def test_killed_runner_is_interrupted_and_a_new_run_resumes_from_the_cursor(h, m
 LEASE = "1.5"
 ZOMBIE_ROWS = 400
 ZOMBIE_BATCH = 20
-
-
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def freeze_outside_transaction(h: ShapesHarness, proc: Proc, timeout: float = 30) -> None:
-    """SIGSTOP `proc` at a moment it is inside no transaction (retrying while it is): frozen in
-    one, it would hold SQLite's write lock or its batch's row locks, another case."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.running(), proc.output()
-        proc.send(signal.SIGSTOP)
-        wait_for(lambda: _process_state(proc.pid) == "T", f"pid {proc.pid} to stop", timeout=10)
-        if not h.in_transaction(proc):
-            return
-        proc.send(signal.SIGCONT)
-        time.sleep(random.uniform(0.01, 0.08))
-    raise AssertionError(f"could not stop pid {proc.pid} outside a transaction\n{proc.output()}")
 
 
 def snapshot(h: ShapesHarness, migration: str) -> tuple[Any, ...]:

@@ -258,10 +258,10 @@ def test_run_and_reset_are_refused_while_workers_hold_the_migration(tmp_path, po
         )
         refused = h.cli("run", NAME)
         assert refused.returncode == 2, refused.stdout + refused.stderr
-        assert "live workers" in refused.stderr, refused.stderr
+        assert "live worker" in refused.stderr, refused.stderr
         assert all(str(pid) in refused.stderr for pid in holders), refused.stderr
         reset = h.cli("reset", NAME, "--yes")
-        assert reset.returncode == 2 and "live workers" in reset.stderr, reset.stderr
+        assert reset.returncode == 2 and "live worker" in reset.stderr, reset.stderr
         # Another worker joins the same run instead.
         late = h.start("worker", NAME, "--batch-size", "50", env=SLOW)
         finish(h, [*workers, late])

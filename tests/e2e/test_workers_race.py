@@ -5,8 +5,9 @@ Eight `backfill worker` processes, started first and released together at a barr
 plan, and each of the others, having lost that claim, joins the run instead of being refused;
 then all of them claim shards at the same moments (`FOR UPDATE SKIP LOCKED` where the dialect
 locks rows, a compare-and-set on the shard's generation everywhere). No shard is ever worked by
-two, and none finds nothing while a shard is free: every racer does rows, and every row and
-every Context side effect is there exactly once, in one run.
+two, and (where claims run side by side: PostgreSQL, MariaDB) none finds nothing while a shard
+is free: every racer does rows; every row and every Context side effect is there exactly once,
+in one run.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def test_workers_starting_together_share_one_run_and_never_one_shard(tmp_path, d
                 assert not failed, f"trial {trial}: " + "; ".join(
                     f"racer {o.racer} exit {o.exit_code}: {o.stderr.strip()[-400:]}" for o in failed
                 )
-                # Each took shards: a claim never finds nothing while a shard is free.
                 done = [_rows_done(o.stdout) for o in outcomes]
-                assert all(done) and sum(done) == ROWS, f"trial {trial}: rows by racer {done}"
+                assert sum(done) == ROWS, f"trial {trial}: rows by racer {done}"
+                if h.dialect != "sqlite":
+                    # Each took shards: a claim never finds nothing while a shard is free. (On
+                    # SQLite writers take turns: one left waiting may find the run done.)
+                    assert all(done), f"trial {trial}: rows by racer {done}"
                 assert_every_row_once(h, sources)
                 logged_once(h)
                 runs = h.query("SELECT COUNT(*) FROM _migration_runs")

@@ -13,7 +13,7 @@ the contenders interleaved when repeated:
   each batch written with one `UPDATE ... JOIN (<rows>)` (the flagship declares no SQL for
   MySQL, so this is also what a plain `run` does there);
 - (d) for reference, the same command with the write as it was before: one UPDATE per row
-  (PyMySQL's `executemany`), a copy of which this script puts in place of `TableScan.write` in
+  (PyMySQL's `executemany`), a copy of which this script puts in place of `TableWrites.write` in
   the subprocess (`OLD_WRITE`); the product has no switch for it.
 
 Outputs are checked equal: (c) and (d) byte for byte (the same text written two ways), and
@@ -41,6 +41,7 @@ from typing import Any
 
 import pymysql
 import sqlalchemy as sa
+from report import best, opening, rates, same_parts
 from run_events import RunFigures, read_run
 
 from chat_migrations.generator import create_messages_table, generate_messages
@@ -66,9 +67,9 @@ END
 WHERE parts IS NULL
 """
 
-# (d): the CLI with TableScan.write as it was before set-based MySQL writes.
+# (d): the CLI with TableWrites.write as it was before set-based MySQL writes.
 OLD_WRITE = '''
-from backfill.store import scan
+from backfill.store import writes
 from backfill.store.database import driver
 
 
@@ -85,7 +86,7 @@ def write(self, conn, writes):
         raw.close()
 
 
-scan.TableScan.write = write
+writes.TableWrites.write = write
 from backfill.cli import main
 
 main()
@@ -246,24 +247,10 @@ def _parts(database: str) -> Iterator[tuple[int, Any]]:
 
 def check_same_json(left: str, right: str) -> int:
     """Rows compared; raises on the first row whose parts differ as decoded JSON."""
-    compared = 0
-    for (lid, lparts), (rid, rparts) in zip(_parts(left), _parts(right), strict=True):
-        if lid != rid or lparts != rparts or lparts is None:
-            raise SystemExit(f"outputs differ at id {lid}: {lparts!r} != {rparts!r}")
-        compared += 1
-    return compared
+    return same_parts(_parts(left), _parts(right))
 
 
 # -- the report ---------------------------------------------------------------------------------
-
-
-def best(timings: list[Timing]) -> Timing:
-    """The fastest of repeated runs: other work on the machine only ever slows a run down."""
-    return max(timings, key=lambda t: t.rate)
-
-
-def rates(timings: list[Timing]) -> str:
-    return ", ".join(f"{t.rate:,.0f}" for t in timings)
 
 
 def server() -> str:
@@ -288,11 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the source database")
     args = parser.parse_args(argv)
     rows = args.rows
-    print(
-        f"{server()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(opening(server()), flush=True)
 
     source = build(rows, args.rebuild)
     floors: list[Timing] = []

@@ -41,6 +41,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from report import best, opening, rates
 from run_events import RunFigures, read_run
 
 from chat_migrations.generator import create_messages_table, generate_messages
@@ -247,15 +248,6 @@ def check_equal(left: str, right: str, up_to: int | None = None) -> int:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def best(timings: list[Timing]) -> Timing:
-    """The fastest of repeated runs: other work on the machine only ever slows a run down."""
-    return max(timings, key=lambda t: t.rate)
-
-
-def rates(timings: list[Timing]) -> str:
-    return ", ".join(f"{t.rate:,.0f}" for t in timings)
-
-
 def server() -> str:
     with admin() as conn:
         version = conn.execute("SHOW server_version").fetchone()
@@ -287,11 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = args.rows
     small = args.memory_rows or (100_000 if rows > 100_000 else max(rows // 10, 1))
-    print(
-        f"{server()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(opening(server()), flush=True)
 
     source = build(rows, args.rebuild)
     ours: list[Timing] = []

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+from report import best, opening, rates, same_parts
 from run_events import RunFigures, read_run
 
 from backfill.store.database import SQLITE_BUSY_TIMEOUT_MS
@@ -218,24 +219,10 @@ def _parts(path: Path, limit: int | None) -> Iterator[tuple[int, object]]:
 
 def check_equal(left: Path, right: Path, limit: int | None = None) -> int:
     """Rows compared; raises on the first row whose decoded parts differ (or are missing)."""
-    compared = 0
-    for (lid, lparts), (rid, rparts) in zip(_parts(left, limit), _parts(right, limit), strict=True):
-        if lid != rid or lparts != rparts or lparts is None:
-            raise SystemExit(f"outputs differ at id {lid}/{rid}: {lparts!r} != {rparts!r}")
-        compared += 1
-    return compared
+    return same_parts(_parts(left, limit), _parts(right, limit))
 
 
 # -- the report ---------------------------------------------------------------------------------
-
-
-def best(timings: list[Timing]) -> Timing:
-    """The fastest of repeated runs: other work on the machine only ever slows a run down."""
-    return max(timings, key=lambda t: t.rate)
-
-
-def rates(timings: list[Timing]) -> str:
-    return ", ".join(f"{t.rate:,.0f}" for t in timings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,11 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = args.rows
     small = args.memory_rows or (100_000 if rows > 100_000 else max(rows // 10, 1))
-    print(
-        f"SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(opening(f"SQLite {sqlite3.sqlite_version}"), flush=True)
 
     source = build(rows, args.data, args.rebuild)
     ours: list[Timing] = []

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from postgres_bench import best, build, check_equal, copy, drop, run_floor, server, url_of
+from postgres_bench import build, check_equal, copy, drop, run_floor, server, url_of
+from report import best, opening, rates
 
 PATHS = {"sql": (), "python": ("--python-only",)}
 WORKERS = (1, 2, 4)
@@ -86,11 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the template database")
     args = parser.parse_args(argv)
     rows = args.rows
-    print(
-        f"{server()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f} at start",
-        flush=True,
-    )
+    print(opening(server()), flush=True)
     source = build(rows, args.rebuild)
     contenders = [(p, w) for p in PATHS for w in (None, *WORKERS)]
     found: dict[tuple[str, int | None], list[Measured]] = {c: [] for c in contenders}
@@ -122,16 +119,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'contender':40} {'rows/s':>10} {'/ 1 worker':>11} {'/ (a)':>7} {'read':>7}")
     print(f"{'(a) set-based UPDATE':40} {floor:>10,.0f} {'':>11} {1:>7.2f} {1:>7.3f}")
     for path, workers in contenders:
-        mine = max(found[(path, workers)], key=lambda m: m.rate)
-        one = max(found[(path, 1)], key=lambda m: m.rate).rate
+        mine, one = best(found[(path, workers)]), best(found[(path, 1)]).rate
         print(
             f"{label(path, workers):40} {mine.rate:>10,.0f} {mine.rate / one:>10.2f}x "
             f"{mine.rate / floor:>6.2f}x {mine.rows_read / rows:>6.3f}x"
         )
     if args.repeat > 1:
         for contender, runs in found.items():
-            print(f"all runs, {label(*contender)}: {', '.join(f'{m.rate:,.0f}' for m in runs)}")
-        print(f"all runs, (a): {', '.join(f'{t.rate:,.0f}' for t in floors)}")
+            print(f"all runs, {label(*contender)}: {rates(runs)}")
+        print(f"all runs, (a): {rates(floors)}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ stand, else does it again. The runner drives the loop (lease, signals, events, p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -34,8 +34,8 @@ from backfill import retry
 from backfill.ahead import WorkAhead, interpreter_tuned
 from backfill.decision import Decider, OnError, Outcome
 from backfill.definition import Migration
-from backfill.errors import LeaseLost
 from backfill.events import BatchCommitted, shown_key
+from backfill.position import Position, Stored
 from backfill.progress import MigrationStatus, status_of
 from backfill.state import State
 from backfill.store import records
@@ -292,82 +292,6 @@ class Batches:
             self.size = max(1, self.size // 2)
         with self._conn.begin():
             self.progress = _Progress(self.position.reload(self._conn))
-
-
-class Stored(Protocol):
-    """Where a position keeps a run's progress: its cursor and counters, as last committed."""
-
-    @property
-    def values(self) -> Mapping[str, Any]: ...
-
-    @property
-    def cursor(self) -> Key | None: ...
-
-
-class Position(Protocol):
-    """Where batches keep their cursor and counters, and who may advance them: the migration's
-    own row for one runner (`MigrationPosition`), or a shard's for a worker
-    (`backfill.worker.ShardPosition`)."""
-
-    @property
-    def start(self) -> Stored:
-        """The progress the batches start from."""
-        ...
-
-    def stop_requested(self, conn: sa.Connection) -> bool:
-        """Whether to stop before this batch; LeaseLost when the batches are no longer ours."""
-        ...
-
-    def advance(self, conn: sa.Connection, values: dict[str, Any], done: bool, now: float) -> None:
-        """Record the batch's cursor and counters (`values`; `done`: its range is exhausted),
-        in the batch's transaction, only while still ours: else LeaseLost."""
-        ...
-
-    def reload(self, conn: sa.Connection) -> Stored:
-        """The progress as committed (after an error whose outcome is unknown); LeaseLost when
-        no longer ours."""
-        ...
-
-
-class MigrationPosition:
-    """One runner's batches: the cursor and counters on the migration's `_migrations` row,
-    under the generation the runner claimed (records.Ledger)."""
-
-    def __init__(self, db: Database, record: records.Record) -> None:
-        self.name = str(record["name"])
-        self.start: Stored = record
-        self.ledger = records.Ledger(db.engine.dialect, self.name, record.generation)
-
-    def stop_requested(self, conn: sa.Connection) -> bool:
-        owned, cancel_requested = self.ledger.check(conn)
-        if not owned:
-            raise LeaseLost(self.name)
-        return cancel_requested
-
-    def advance(self, conn: sa.Connection, values: dict[str, Any], done: bool, now: float) -> None:
-        values.update(updated_at=now, heartbeat_at=now)
-        if done:
-            values.update(finished_at=now, heartbeat_at=None)
-            records.transition(
-                conn,
-                self.name,
-                at_generation=self.ledger.generation,
-                source=State.IN_PROGRESS,
-                target=State.SUCCESS,
-                **values,
-            )
-        elif not self.ledger.advance(conn, values):
-            raise LeaseLost(self.name)
-
-    def reload(self, conn: sa.Connection) -> Stored:
-        record = records.load(conn, self.name)
-        if (
-            record is None
-            or record.generation != self.ledger.generation
-            or record.state is not State.IN_PROGRESS
-        ):
-            raise LeaseLost(self.name)
-        return record
 
 
 class _Progress:

@@ -13,7 +13,7 @@ from typing import Any
 
 from backfill import lease as leases
 from backfill import retry
-from backfill.batch import Batches, MigrationPosition
+from backfill.batch import Batches
 from backfill.decision import OnError
 from backfill.definition import Migration
 from backfill.dry_run import DryRun
@@ -25,6 +25,7 @@ from backfill.events import (
     RunStarted,
     StateChanged,
 )
+from backfill.position import MigrationPosition
 from backfill.progress import MigrationStatus
 from backfill.state import State
 from backfill.stop_signals import StopSignals

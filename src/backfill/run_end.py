@@ -17,7 +17,7 @@ from typing import Any
 from backfill import retry
 from backfill.errors import LeaseLost, RowFailed
 from backfill.events import Emitter, RunError, StateChanged
-from backfill.shard import Joined
+from backfill.shard import Joined, nothing
 from backfill.state import ShardState, State
 from backfill.store import records, shards
 from backfill.store.database import Database
@@ -121,7 +121,3 @@ class RunEnd:
         ]
         if not (alone_only and others):
             self.to(State.CANCELED)
-
-
-def nothing() -> None:
-    """Between SQLite's tries for the write lock: nothing to refuse early (store.locks)."""

@@ -222,7 +222,8 @@ class Runner:
                     result = RunResult(migration.name, status, dry_run=report)
                 elif not restart and self._has_plan_to_finish(migration.name):
                     # A run with a plan resumes every shard from its cursor: one worker, here.
-                    work = self._work(migration, size, policy, pause, emit, sql=sql, run=True)
+                    worker = self._worker(migration, emit)
+                    work = worker.join_and_work(size, policy, pause, sql, run=True)
                     result = RunResult(work.name, work.status, work.already_done, work.error)
                 else:
                     result = self._run_one(migration, size, restart, policy, pause, emit, sql=sql)
@@ -265,16 +266,8 @@ class Runner:
             if not force and self.status([name])[name].state is not State.IN_PROGRESS:
                 self._check_gate(migration, min_age)
             size = self._batch_size(migration, batch_size, sql)
-            return self._work(
-                migration,
-                size,
-                policy,
-                pause,
-                emit,
-                sql=sql,
-                restart=restart,
-                wait=wait,
-                workers=workers,
+            return self._worker(migration, emit).join_and_work(
+                size, policy, pause, sql, restart=restart, wait=wait, workers=workers
             )
 
     def begin(
@@ -367,29 +360,6 @@ class Runner:
             status=lambda name: self.status([name])[name],
             observed=self._observed,
         )
-
-    def _work(
-        self,
-        migration: Migration,
-        size: int,
-        policy: OnError,
-        pause: float,
-        emit: Emitter,
-        *,
-        sql: bool,
-        restart: bool = False,
-        wait: bool = False,
-        workers: int | None = None,
-        run: bool = False,
-    ) -> WorkResult:
-        """Join or start the run (`run` never joins one), then work it until nothing is left."""
-        worker = self._worker(migration, emit)
-        joined = worker.join(size, restart=restart, workers=workers, join=not run)
-        if joined is None:
-            return WorkResult(
-                migration.name, self.status([migration.name])[migration.name], already_done=True
-            )
-        return worker.work(joined, size, policy, pause, sql, wait=wait, signal_cancels=run)
 
     def _check_gate(self, migration: Migration, min_age: timedelta | None) -> None:
         gate.check(

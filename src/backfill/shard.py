@@ -1,5 +1,6 @@
-"""One shard worked by one worker: where its batches keep their cursor and counters (the shard's
-row, while the worker holds it) and the heartbeat that keeps its lease. `backfill.worker` takes
+"""One shard worked by one worker: how a worker takes it (a free one claimed, or the tail of
+another's split off), where its batches keep their cursor and counters (the shard's row, while
+the worker holds it) and the heartbeat that keeps its lease. `backfill.worker` takes
 shards and drives their batches; `backfill.batch` runs each batch with a `ShardPosition`.
 """
 
@@ -11,15 +12,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backfill.batch import Stored
+from backfill.definition import Migration
 from backfill.errors import LeaseLost
 from backfill.lease import Heartbeat
+from backfill.position import Stored
 from backfill.state import ShardState, State
-from backfill.store import shards
+from backfill.store import records, shards
 from backfill.store.database import Database
 from backfill.store.records import Ledger
 from backfill.store.shards import ShardRecord
-from backfill.types import Clock
+from backfill.types import Clock, Identity, Liveness
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,63 @@ def heartbeat(
         return shards.update_held(conn, name, shard.id, shard.generation, heartbeat_at=clock())
 
     return Heartbeat(db, beat, interval, f"heartbeat-{name}")
+
+
+def take(
+    db: Database,
+    migration: Migration,
+    joined: Joined,
+    me: Identity,
+    seen: Callable[[], Liveness],
+    split_below: int,
+) -> ShardRecord | None:
+    """A shard for worker `me`: a free one, else the tail of the largest shard another worker
+    holds, split past its cursor (when more than `split_below` rows are left of it). None when
+    there is nothing to take, or the run is no longer `joined`."""
+    name = migration.name
+    with db.write(meanwhile=nothing) as conn:
+        found = Ledger(conn.dialect, name, joined.generation).read(conn)
+        if found is None or found[0] != joined.generation or found[1] is not State.IN_PROGRESS:
+            return None
+        taken = shards.claim(conn, name, joined.run_id, me, seen())
+        if taken is not None:
+            return taken
+    return _split(db, migration, joined, me, seen, split_below)
+
+
+def _split(
+    db: Database,
+    migration: Migration,
+    joined: Joined,
+    me: Identity,
+    seen: Callable[[], Liveness],
+    split_below: int,
+) -> ShardRecord | None:
+    name, now = migration.name, seen()
+    with db.read() as conn:
+        held = [
+            s for s in shards.load(conn, name) if shards.observed(s, now) is ShardState.IN_PROGRESS
+        ]
+        sizes = [(shards.remaining(conn, migration, s, 10 * split_below), s) for s in held]
+    sizes = [(rows, s) for rows, s in sizes if rows > split_below]
+    for rows, shard in sorted(sizes, key=lambda found: -found[0]):
+        with db.write(meanwhile=nothing) as conn:
+            records.lock(conn, name)  # one split at a time: each numbers a new shard
+            plan = shards.load(conn, name)
+            current = shards.locked(conn, name, shard.id)
+            if (
+                current.generation != shard.generation
+                or current.state is not ShardState.IN_PROGRESS
+            ):
+                continue
+            new_id = max(s.id for s in plan) + 1
+            new = shards.split(
+                conn, migration, current, rows // 2, new_id, joined.run_id, me, seen().now
+            )
+            if new is not None:
+                return new
+    return None
+
+
+def nothing() -> None:
+    """Between SQLite's tries for the write lock: nothing to refuse early (store.locks)."""

@@ -28,14 +28,14 @@ from backfill.events import (
 )
 from backfill.progress import MigrationStatus
 from backfill.run import Run
-from backfill.run_end import RunEnd, nothing
-from backfill.shard import Joined, ShardMoved, ShardPosition
+from backfill.run_end import RunEnd
+from backfill.shard import Joined, ShardMoved, ShardPosition, nothing, take
 from backfill.shard import heartbeat as shard_heartbeat
 from backfill.state import ShardState, State
 from backfill.stop_signals import StopSignals
 from backfill.store import plan as plans
 from backfill.store import records, shards
-from backfill.store.records import Ledger, Record
+from backfill.store.records import Record
 from backfill.store.shards import ShardRecord
 from backfill.types import Liveness
 
@@ -176,49 +176,8 @@ class Worker:
     # -- shards ------------------------------------------------------------------------------
 
     def take(self, joined: Joined, *, split_below: int) -> ShardRecord | None:
-        """A shard for this worker: a free one, else the tail of the largest shard another
-        worker holds, split past its cursor (when more than `split_below` rows are left of it).
-        None when there is nothing to take, or the run is no longer `joined`."""
-        seen = self._seen()
-        with self.db.write(meanwhile=nothing) as conn:
-            found = Ledger(conn.dialect, self.name, joined.generation).read(conn)
-            if found is None or found[0] != joined.generation or found[1] is not State.IN_PROGRESS:
-                return None
-            taken = shards.claim(conn, self.name, joined.run_id, self.me, seen)
-            if taken is not None:
-                return taken
-        return self._split(joined, split_below)
-
-    def _split(self, joined: Joined, split_below: int) -> ShardRecord | None:
-        seen = self._seen()
-        with self.db.read() as conn:
-            held = [
-                s
-                for s in shards.load(conn, self.name)
-                if shards.observed(s, seen) is ShardState.IN_PROGRESS
-            ]
-            sizes = [(shards.remaining(conn, self.migration, s, 10 * split_below), s) for s in held]
-        sizes = [(rows, s) for rows, s in sizes if rows > split_below]
-        for rows, shard in sorted(sizes, key=lambda found: -found[0]):
-            with self.db.write(meanwhile=nothing) as conn:
-                records.lock(conn, self.name)  # one split at a time: each numbers a new shard
-                plan = shards.load(conn, self.name)
-                now = shards.locked(conn, self.name, shard.id)
-                if now.generation != shard.generation or now.state is not ShardState.IN_PROGRESS:
-                    continue
-                new = shards.split(
-                    conn,
-                    self.migration,
-                    now,
-                    rows // 2,
-                    max(s.id for s in plan) + 1,
-                    joined.run_id,
-                    self.me,
-                    self.clock(),
-                )
-                if new is not None:
-                    return new
-        return None
+        """A shard for this worker, claimed or split off another's (shard.take)."""
+        return take(self.db, self.migration, joined, self.me, self._seen, split_below)
 
     def work_shard(
         self,
@@ -314,6 +273,25 @@ class Worker:
         )
 
     # -- a worker until nothing is left, and a step ---------------------------------------------
+
+    def join_and_work(
+        self,
+        size: int,
+        policy: OnError,
+        pause: float,
+        sql: bool,
+        *,
+        restart: bool = False,
+        wait: bool = False,
+        workers: int | None = None,
+        run: bool = False,
+    ) -> WorkResult:
+        """Join or start the run (`run` never joins one: it starts a run or is refused), then
+        work it until nothing is left (`work`)."""
+        joined = self.join(size, restart=restart, workers=workers, join=not run)
+        if joined is None:
+            return WorkResult(self.name, self._status(self.name), already_done=True)
+        return self.work(joined, size, policy, pause, sql, wait=wait, signal_cancels=run)
 
     def work(
         self,

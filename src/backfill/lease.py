@@ -151,9 +151,6 @@ def enter(
         fresh = restart or observed is State.PENDING or (record.cursor is None and not record.plan)
         if not fresh and planner is None and record.plan:
             raise Refused(f"migration {name!r} has a plan: resume it with `backfill worker`")
-        done_before = {c: record[c] for c in shards.COUNTERS}
-        if not fresh:
-            done_before = {c: v + shards.sums(record.plan)[c] for c, v in done_before.items()}
         run_id = records.start_run(conn, name, now, me.host, me.pid)
         values: dict[str, object] = {}
         if fresh:
@@ -169,7 +166,9 @@ def enter(
             heartbeat_at=now,
             updated_at=now,
             run_started_at=now,
-            run_processed_start=0 if fresh else done_before["processed"],
+            run_processed_start=(
+                0 if fresh else record["processed"] + shards.sums(record.plan)["processed"]
+            ),
             finished_at=None,
             cancel_requested=False,
             error_message=None,
@@ -191,12 +190,12 @@ def enter(
         if fresh:
             records.forget_skipped(conn, name)
             shards.forget(conn, name)
-        if planner is not None and not (record.plan and not fresh):
-            shards.record_plan(conn, name, planner(conn, None if fresh else record.cursor), run_id)
-        elif planner is not None and not shards.free_unfinished(
-            conn, name, run_id, Liveness(now, lease, me)
-        ):
-            raise Refused(f"migration {name!r} changed meanwhile; nothing was done, try again")
+        if planner is not None:
+            if fresh or not record.plan:
+                after = None if fresh else record.cursor
+                shards.record_plan(conn, name, planner(conn, after), run_id)
+            elif not shards.free_unfinished(conn, name, run_id, Liveness(now, lease, me)):
+                raise Refused(f"migration {name!r} changed meanwhile; nothing was done, try again")
         claimed = records.load(conn, name)
         assert claimed is not None
         return Claim(claimed, observed)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from backfill import ConfigError
-from backfill.config import DEFAULT_DEV_URL, load_app, redact_url, resolve
+from backfill.config import DEFAULT_DEV_URL, load_app, resolve
+from backfill.redaction import redact_arguments, redact_url, scrub
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,16 @@ def test_missing_variable_and_unconfigured_environment_are_clear_errors(tmp_path
 def test_redact_url_hides_only_the_password() -> None:
     shown = redact_url("postgresql+psycopg://alice:hunter2@db:5432/chat")
     assert "hunter2" not in shown and "alice" in shown and "db:5432/chat" in shown
+
+
+def test_arguments_are_stored_with_every_password_hidden() -> None:
+    url = "postgresql+psycopg://alice:hunter2@db:5432/chat"
+    given = ["run", "x", "--database-url", url, f"--database-url={url}", "--note=hunter2"]
+    shown = redact_arguments(given, url)
+    assert not any("hunter2" in a for a in shown), shown
+    assert shown[:2] == ["run", "x"] and shown[3] == redact_url(url)
+    assert shown[4] == f"--database-url={redact_url(url)}" and shown[5] == "--note=***"
+    assert scrub("FATAL: password hunter2 rejected", url) == "FATAL: password *** rejected"
 
 
 def test_load_app_errors_name_what_is_wrong() -> None:

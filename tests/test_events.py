@@ -106,8 +106,9 @@ def test_each_claim_gets_the_next_run_id_and_says_where_it_came_from(url: str) -
     [resumed] = runner.run([NAME], batch_size=BATCH)
     claimed, started = seen[0], seen[1]
     assert (claimed.from_, claimed.to) == ("canceled", "inProgress")  # type: ignore[attr-defined]
-    assert isinstance(started, RunStarted) and (started.run_id, started.processed) == (2, BATCH)
-    assert seen[-1].run_id == 2  # type: ignore[attr-defined]
+    # Run 1, the cancel's history row 2, run 3: one sequence of ids for the history.
+    assert isinstance(started, RunStarted) and (started.run_id, started.processed) == (3, BATCH)
+    assert seen[-1].run_id == 3  # type: ignore[attr-defined]
 
     seen.clear()
     runner.reset(NAME)

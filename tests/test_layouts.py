@@ -152,3 +152,25 @@ def test_a_newer_layout_is_refused_with_one_sentence(engine, database_url):
     assert layout(engine) == [99]
     runner.db.dispose()
     newer.db.dispose()
+
+
+def test_an_upgrade_is_refused_while_a_worker_holds_a_shard(engine, database_url):
+    # Layout 3's run with workers: the migration's own heartbeat is old (the runner that
+    # claimed it went away), and a live worker, this very process, holds a shard.
+    create_layout(engine, 3)
+    host = socket.gethostname()
+    half_done(engine, state="inProgress", runner_host=host, runner_pid=1, heartbeat_at=0.0)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO _migration_shards (migration, id, state, generation, runner_host, "
+                "runner_pid, heartbeat_at, processed, changed, skipped_errors, kept) "
+                "VALUES (:m, 0, 'inProgress', 1, :h, :p, :t, 0, 0, 0, 0)"
+            ),
+            {"m": NAME, "h": host, "p": os.getpid(), "t": time.time()},
+        )
+    runner = Runner(database_url, counting.migrations)
+    with pytest.raises(Refused, match=rf"{NAME} \(host {host}, pid {os.getpid()}\)"):
+        runner.reset(NAME)
+    assert layout(engine) == [3]
+    runner.db.dispose()

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from backfill import DELETE, BadValue, Migrations, Row, Runner, SqlChange, State
-from backfill.store import records, tables
+from backfill.store import records, skipped, tables
 from backfill.store.database import Database
 from chat_migrations import derive_parts, message_parts, messages, migrations
 from chat_migrations.generator import seed_messages
@@ -192,12 +192,12 @@ def test_engine_tables_bound_the_skipped_row_key_for_the_unique_constraint(maria
         ).one()
     assert tuple(kind) == ("varchar", 512)
     with db.write() as conn:
-        skipped = [((i, "x" * 400), "f", "BadValue", "bad") for i in range(3)]
-        records.record_skipped(conn, "m", skipped, 1.0)
-        records.record_skipped(conn, "m", skipped[:1], 2.0)  # replaces, never duplicates
+        rows = [((i, "x" * 400), "f", "BadValue", "bad") for i in range(3)]
+        skipped.record(conn, "m", rows, 1.0)
+        skipped.record(conn, "m", rows[:1], 2.0)  # replaces, never duplicates
     with db.read() as conn:
-        assert len(records.skipped_rows(conn, "m")) == 3
-    assert tables.SCHEMA_VERSION == 3
+        assert len(skipped.rows(conn, "m")) == 3
+    assert tables.SCHEMA_VERSION == 4
     db.dispose()
 
 

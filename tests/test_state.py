@@ -31,6 +31,13 @@ EXPECTED = {
     (State.CANCELED, State.PENDING),
     (State.SUCCESS, State.PENDING),
     (State.PENDING, State.PENDING),
+    (State.SUCCESS, State.REVERTING),
+    (State.FAILED, State.REVERTING),
+    (State.CANCELED, State.REVERTING),
+    (State.INTERRUPTED, State.REVERTING),
+    (State.PENDING, State.REVERTING),
+    (State.REVERTING, State.REVERTING),
+    (State.REVERTING, State.PENDING),
 }
 
 
@@ -68,4 +75,5 @@ def test_state_names_are_the_contract_spelling() -> None:
         "success",
         "failed",
         "canceled",
+        "reverting",
     ]

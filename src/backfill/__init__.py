@@ -16,6 +16,7 @@ from backfill.dry_run import DryRun
 from backfill.errors import (
     BackfillError,
     BadValue,
+    BeingReverted,
     ConfigError,
     DatabaseUnavailable,
     GateClosed,
@@ -26,9 +27,11 @@ from backfill.errors import (
     SchemaMismatch,
     UnknownMigration,
 )
-from backfill.progress import MigrationStatus, RowError, ShardStatus
+from backfill.history import HistoryEntry, Invocation, Kind, Origin
+from backfill.progress import MigrationStatus, RevertStatus, RowError, ShardStatus, Verified
 from backfill.registry import Migrations
 from backfill.retry import RetriesExhausted, RetryPolicy, Transient
+from backfill.revert import RevertResult
 from backfill.run import RunResult
 from backfill.runner import Runner
 from backfill.state import ShardState, State
@@ -41,6 +44,7 @@ from backfill.worker import StepResult, WorkResult
 __all__ = [
     "BackfillError",
     "BadValue",
+    "BeingReverted",
     "ConfigError",
     "Context",
     "DELETE",
@@ -49,8 +53,11 @@ __all__ = [
     "Existing",
     "Form",
     "GateClosed",
+    "HistoryEntry",
     "Identity",
+    "Invocation",
     "Keep",
+    "Kind",
     "LeaseHeld",
     "LeaseLost",
     "Limits",
@@ -59,10 +66,13 @@ __all__ = [
     "MigrationStatus",
     "Migrations",
     "OnError",
+    "Origin",
     "Prerequisite",
     "Refused",
     "RetriesExhausted",
     "RetryPolicy",
+    "RevertResult",
+    "RevertStatus",
     "Row",
     "RowError",
     "RowFailed",
@@ -78,5 +88,6 @@ __all__ = [
     "Transient",
     "UnknownMigration",
     "Verification",
+    "Verified",
     "WorkResult",
 ]

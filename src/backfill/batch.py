@@ -38,12 +38,13 @@ from backfill.events import BatchCommitted, shown_key
 from backfill.position import Position, Stored
 from backfill.progress import MigrationStatus, status_of
 from backfill.state import State
-from backfill.store import records
+from backfill.store import records, skipped
 from backfill.store.checkpoints import checkpoints_for
 from backfill.store.database import Database
 from backfill.store.expression import Rejected, SqlBatch
 from backfill.store.scan import Snapshot, TableScan
 from backfill.store.transient import Transient
+from backfill.store.undo import UndoLog
 from backfill.types import Clock, Key, decode_key, encode_key
 
 
@@ -92,6 +93,7 @@ class Batches:
         clock: Clock,
         *,
         sql: bool = True,
+        undo: UndoLog | None = None,
     ) -> None:
         self.db = db
         self.migration = migration
@@ -99,15 +101,20 @@ class Batches:
         self.policy = policy
         self.clock = clock
         self.scan = TableScan(db.engine, migration)
-        self.decider = Decider(db, migration, self.scan)
+        # A run that logs its changes to undo them decides every row in Python, in the batch's
+        # own transaction: the log needs each value before, read under the batch's locks.
+        self.undo = undo
+        self.decider = Decider(db, migration, self.scan, keep_before=undo is not None)
         self.position = position
         self.progress = _Progress(position.start)
         # The migration's declared SQL for this dialect, unless the run asked for Python only.
-        self.in_database = SqlBatch.declared(db.engine, migration) if sql else None
+        self.in_database = SqlBatch.declared(db.engine, migration) if sql and not undo else None
         # Reading ahead on the Python path: not where batches are decided in the database (a
         # batch done in Python, rejected by the SQL, must not pull the next one out of the SQL
         # path), nor for functions that need the batch's transaction.
-        self._reads_ahead = self.in_database is None and not self.decider.needs_transaction
+        self._reads_ahead = (
+            self.in_database is None and not self.decider.needs_transaction and undo is None
+        )
         self._stack = ExitStack()
 
     def __enter__(self) -> Batches:
@@ -246,13 +253,39 @@ class Batches:
         """Skipped rows, cursor and counters, under the generation check; the last batch (fewer
         rows than asked for) ends the range: `success` through the transition table."""
         name, now = self.migration.name, self.clock()
-        records.record_skipped(
+        skipped.record(
             conn, name, [(s.key, s.field, s.error_type, s.message) for s in outcome.skipped], now
         )
+        if self.undo is not None:
+            self._log(conn, outcome)
         values = self.progress.after(outcome)
         done = outcome.processed < self.size
         self.position.advance(conn, values, done, now)
         return values, done
+
+    def _log(self, conn: sa.Connection, outcome: Outcome) -> None:
+        """The batch's changes in the undo log, in its transaction: in place, each changed
+        column's value before and after; for a copy, the target rows it inserts, and those it
+        overwrites (existing="update") column by column."""
+        assert self.undo is not None
+        if self.migration.in_place:
+            changes = zip(outcome.changes, outcome.befores, strict=True)
+            self.undo.updates(conn, ((key, before, diff) for (key, diff), before in changes))
+            return
+        target = self.migration.target
+        assert target is not None
+        names = tuple(target.primary_key.columns.keys())
+        inserted, overwritten = [], []
+        for source_key, row in outcome.changes:
+            target_key = tuple(row[n] for n in names)
+            old = outcome.replaced.get(source_key)
+            if old is None:
+                inserted.append((target_key, row))
+            else:
+                after = {n: v for n, v in row.items() if n not in names}
+                overwritten.append((target_key, old, after))
+        self.undo.inserts(conn, inserted)
+        self.undo.updates(conn, overwritten)
 
     def _write_and_commit(
         self,

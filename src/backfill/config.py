@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from backfill.errors import ConfigError
 
 DEFAULT_DEV_URL = "sqlite:///backfill-dev.db"
@@ -38,14 +36,6 @@ def number_from_env(variable: str, default: float) -> float:
     if not value >= 0:
         raise ConfigError(f"{variable}={raw!r} must be a non-negative number")
     return value
-
-
-def redact_url(url: str | sa.URL) -> str:
-    """The URL with its password hidden, safe to print."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<unparseable database URL>"
 
 
 def _read_settings(directory: Path) -> dict[str, Any]:

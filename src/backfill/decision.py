@@ -61,6 +61,10 @@ class Outcome:
     moves_keys: bool = False
     # Rows the batch changed in the database itself (a declared SqlChange), not one by one.
     changed_in_database: int = 0
+    # For the undo log (decide's `keep_before`): each change's columns as they were, in order;
+    # for a copy, the target rows it overwrites, by source key (the rest it inserts).
+    befores: list[dict[str, Any]] = field(default_factory=list)
+    replaced: dict[Key, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def changed(self) -> int:
@@ -81,6 +85,8 @@ class Outcome:
                 samples.append(Sample(sample.key, shown, sample.after))
         self.samples = samples
         self.writes = None  # written by the copy's target, not into the scanned table
+        self.befores = []
+        self.replaced = {key: before[key] for key in chosen if key in before}
 
 
 def _failure(migration: Migration, key: Key, error: Exception) -> RowFailed:
@@ -100,8 +106,11 @@ def decide(
     writes: Writes | None = None,
     context: Context | None = None,
     passthrough: Callable[[BaseException], bool] | None = None,
+    keep_before: bool = False,
 ) -> Outcome:
     """Run the function over `rows`; raise RowFailed on the first bad row under OnError.FAIL.
+    With `keep_before` (a run that logs its changes to undo them) each change's values before
+    are kept in the outcome, and a column written but not read is an error on its row.
 
     With `writes`, each change is also encoded there for the driver, so a value that cannot be
     stored is an error on its own row rather than a failure of the whole write. A function that
@@ -136,6 +145,11 @@ def decide(
                 outcome.kept.append(key)
                 continue
             if isinstance(result, Changed):
+                if keep_before:
+                    raise TypeError(
+                        "the batch function returned how many rows it changed itself: "
+                        "what it wrote cannot be undone; run it without --undo"
+                    )
                 outcome.changed_in_database += result.rows
                 continue
             for name in required:
@@ -151,6 +165,12 @@ def decide(
                 old = values.get(name, _ABSENT) if compare else _ABSENT
                 if type(old) is not type(new) or old is _ABSENT or old != new:
                     diff[name] = new
+                    if keep_before and compare and old is _ABSENT:
+                        raise BadValue(
+                            name,
+                            "is written but not read (add it to the migration's columns=): "
+                            "its value before cannot be logged for --undo",
+                        )
             if diff and encode is not None:
                 encode(key, diff)
         except Exception as error:  # noqa: BLE001 - any error in user code is about this row
@@ -163,6 +183,8 @@ def decide(
             continue
         if diff:
             changes.append((key, diff))
+            if keep_before and compare:
+                outcome.befores.append({name: values[name] for name in diff})
             if len(outcome.samples) < samples:
                 before = {name: values.get(name) for name in diff} if compare else {}
                 outcome.samples.append(Sample(key, before, diff))
@@ -276,10 +298,13 @@ class Decider:
     the function (given a Context if it takes one) and, for a copy, what its target lacks.
     Runs, dry runs and read-only scans (verify) all decide through it."""
 
-    def __init__(self, db: Database, migration: Migration, scan: TableScan) -> None:
+    def __init__(
+        self, db: Database, migration: Migration, scan: TableScan, *, keep_before: bool = False
+    ) -> None:
         self.db = db
         self.migration = migration
         self.scan = scan
+        self.keep_before = keep_before
         self.copier = None if migration.in_place else CopyTarget(db.engine, migration)
         # Only a plain function of a row, written back in place, may be decided outside the
         # batch's transaction (read ahead): the others need its connection.
@@ -306,7 +331,14 @@ class Decider:
         context = Context(conn, migration.name, dry_run) if migration.takes_context else None
         writes = self.scan.writes() if copier is None else copier.writes()
         outcome = decide(
-            migration, rows, policy, samples, writes, context=context, passthrough=self._transient
+            migration,
+            rows,
+            policy,
+            samples,
+            writes,
+            context=context,
+            passthrough=self._transient,
+            keep_before=self.keep_before,
         )
         if copier is not None:
             kept, before = copier.settle(

@@ -201,6 +201,16 @@ class Migration:
         return change
 
     @property
+    def cannot_undo(self) -> str | None:
+        """Why a run of it cannot log its changes to undo them (`--undo`); None when it can."""
+        if self.takes_context:
+            return (
+                f"migration {self.name!r} takes a Context: what its function writes through "
+                "the connection cannot be undone"
+            )
+        return None
+
+    @property
     def key(self) -> tuple[sa.Column[Any], ...]:
         if self.key_columns:
             return tuple(self.table.c[n] for n in self.key_columns)

@@ -82,6 +82,17 @@ class LeaseHeld(Refused):
         self.pid = pid
 
 
+class BeingReverted(Refused):
+    """Raised by `run`, `reset` and the workers while a revert of the migration is unfinished."""
+
+    def __init__(self, migration: str) -> None:
+        super().__init__(
+            f"migration {migration!r} is being reverted: finish it with `backfill revert "
+            f"{migration}`, or drop the log with `backfill forget-undo {migration}`"
+        )
+        self.migration = migration
+
+
 class LeaseLost(BackfillError):
     """Raised by a runner's batch, heartbeat or end when another runner took the migration over
     (a newer generation): this runner commits nothing more."""

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from backfill.errors import LeaseHeld, Refused
+from backfill.errors import BeingReverted, LeaseHeld, Refused
+from backfill.history import Invocation, Kind
 from backfill.state import ShardState, State
-from backfill.store import records, shards
+from backfill.store import history, records, shards, skipped
+from backfill.store import undo as undo_log
 from backfill.store.database import Database
 from backfill.store.plan import Shard
 from backfill.store.records import Record
@@ -56,6 +58,16 @@ def observed_state(
     return State.INTERRUPTED
 
 
+def reverting_live(record: Record | None, seen: Liveness) -> bool:
+    """Whether a live revert holds the migration (its own state inProgress, its runner alive)."""
+    return (
+        record is not None
+        and record.state is State.REVERTING
+        and record["revert_state"] == str(State.IN_PROGRESS)
+        and seen.holds(record["heartbeat_at"], record["runner_host"], record["runner_pid"])
+    )
+
+
 def live_holders(record: Record, seen: Liveness) -> list[Identity]:
     """Who holds the migration and is alive: its runner, and the workers holding its shards."""
     found: list[Identity] = []
@@ -75,7 +87,10 @@ def refuse_if_live(
     observed: State,
     seen: Liveness | None = None,
 ) -> None:
-    """LeaseHeld naming the live holders when the migration is observed in progress."""
+    """LeaseHeld naming the live holders when the migration is observed in progress, or a live
+    revert holds it."""
+    if record is not None and seen is not None and reverting_live(record, seen):
+        raise LeaseHeld(name, record["runner_host"], record["runner_pid"])
     if observed is not State.IN_PROGRESS or record is None:
         return
     holders = [] if seen is None else live_holders(record, seen)
@@ -95,6 +110,19 @@ def refuse_if_held(db: Database, name: str, *, now: float, lease: float, me: Ide
     with db.read() as conn:
         record = records.load(conn, name)
     refuse_if_live(name, record, observed_state(record, now, lease, me), Liveness(now, lease, me))
+
+
+@dataclass(frozen=True)
+class Undo:
+    """Whether a run logs its changes to undo them: as `asked` (None: not said), else as the
+    run it resumes did, else (a run from the beginning) `default` (prod: where it can)."""
+
+    asked: bool | None = None
+    default: bool = False
+
+
+# A run that says nothing of undo: as the run it resumes, else no log.
+NOT_ASKED = Undo()
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,8 @@ def enter(
     batch_size: int,
     total_is_estimate: bool = False,
     planner: Planner | None = None,
+    invocation: Invocation | None = None,
+    undo: Undo | None = None,
 ) -> Claim | None:
     """Claim the migration for this runner, in one transaction: a new generation and a new run
     (its `run_id`). None when it already succeeded and no restart.
@@ -136,7 +166,11 @@ def enter(
     resuming a run without a plan (after its cursor), gets a plan from `planner(conn, cursor)`;
     a run resuming one with a plan frees its unfinished shards, cursors kept. Without one, a
     run from the beginning drops an old plan; a run with a plan is the workers' to resume
-    (Runner.run hands such a run to one)."""
+    (Runner.run hands such a run to one).
+
+    The run's history row is written in the same transaction, with `invocation`: who asked.
+    `undo`: whether the run logs its changes to undo them; a resume that asks otherwise than
+    the run it resumes did is refused: one run, one choice."""
 
     def refuse_if_taken() -> None:
         refuse_if_held(db, name, now=now, lease=lease, me=me)
@@ -146,38 +180,41 @@ def enter(
         record = records.ensure_record(conn, name)
         observed = observed_state(record, now, lease, me)
         refuse_if_live(name, record, observed, Liveness(now, lease, me))
+        if observed is State.REVERTING:
+            raise BeingReverted(name)
         if observed is State.SUCCESS and not restart:
             return None
         fresh = restart or observed is State.PENDING or (record.cursor is None and not record.plan)
+        logs = _logs(name, record, fresh, undo or NOT_ASKED)
+        # Batches committed without the log since it began: a revert could not restore them.
+        unlogged = not logs or (bool(record["unlogged"]) and undo_log.count(conn, name) > 0)
         if not fresh and planner is None and record.plan:
             raise Refused(f"migration {name!r} has a plan: resume it with `backfill worker`")
-        run_id = records.start_run(conn, name, now, me.host, me.pid)
+        run_id = history.begin(
+            conn,
+            name,
+            kind=Kind.RUN,
+            invocation=invocation or Invocation(),
+            database=db.display_url,
+            now=now,
+            me=me,
+            before=dict.fromkeys(shards.COUNTERS, 0) if fresh else record.totals(),
+            backup=record["backup_path"],
+        )
         values: dict[str, object] = {}
         if fresh:
             values.update(
                 cursor=None, processed=0, changed=0, skipped_errors=0, kept=0, started_at=now
             )
+        values.update(taken(record, run_id, me, now))
         values.update(
             scan=scan,
-            generation=record.generation + 1,
-            run_id=run_id,
-            runner_host=me.host,
-            runner_pid=me.pid,
-            heartbeat_at=now,
-            updated_at=now,
-            run_started_at=now,
-            run_processed_start=(
-                0 if fresh else record["processed"] + shards.sums(record.plan)["processed"]
-            ),
-            finished_at=None,
-            cancel_requested=False,
-            error_message=None,
-            error_type=None,
-            error_row_id=None,
-            error_field=None,
+            run_processed_start=0 if fresh else record.totals()["processed"],
             total=total,
             total_is_estimate=total_is_estimate,
             batch_size=batch_size,
+            undo=logs,
+            unlogged=unlogged,
         )
         records.transition(
             conn,
@@ -188,7 +225,7 @@ def enter(
             **values,
         )
         if fresh:
-            records.forget_skipped(conn, name)
+            skipped.forget(conn, name)
             shards.forget(conn, name)
         if planner is not None:
             if fresh or not record.plan:
@@ -199,6 +236,40 @@ def enter(
         claimed = records.load(conn, name)
         assert claimed is not None
         return Claim(claimed, observed)
+
+
+def taken(record: Record, run_id: int, me: Identity, now: float) -> dict[str, object]:
+    """What a claim (of a run, or a revert) writes of its lease on the migration's row: a new
+    generation, its run, its runner and heartbeat, no end, no cancel request, no error."""
+    return {
+        "generation": record.generation + 1,
+        "run_id": run_id,
+        "runner_host": me.host,
+        "runner_pid": me.pid,
+        "heartbeat_at": now,
+        "updated_at": now,
+        "run_started_at": now,
+        "finished_at": None,
+        "cancel_requested": False,
+        "error_message": None,
+        "error_type": None,
+        "error_row_id": None,
+        "error_field": None,
+    }
+
+
+def _logs(name: str, record: Record, fresh: bool, undo: Undo) -> bool:
+    """Whether the run being claimed logs its changes: as asked, or as the run it resumes."""
+    before = record["undo"]
+    if fresh or before is None:
+        return undo.default if undo.asked is None else undo.asked
+    if undo.asked is not None and undo.asked != bool(before):
+        how = "with" if before else "without"
+        raise Refused(
+            f"migration {name!r} was run {how} --undo; resume it {how} --undo (one run, one "
+            f"choice), or start over with `backfill run {name} --restart`"
+        )
+    return bool(before)
 
 
 def leave(
@@ -235,12 +306,19 @@ class Heartbeat:
 
     @classmethod
     def of_run(
-        cls, db: Database, name: str, generation: int, interval: float, clock: Clock
+        cls,
+        db: Database,
+        name: str,
+        generation: int,
+        interval: float,
+        clock: Clock,
+        state: State = State.IN_PROGRESS,
     ) -> Heartbeat:
-        """The heartbeat of one runner's run, on the migration's row."""
+        """The heartbeat of one runner's run (`state`: a revert's, reverting), on the
+        migration's row."""
 
         def beat(conn: sa.Connection) -> bool:
-            return records.update_live(conn, name, generation, heartbeat_at=clock())
+            return records.update_live(conn, name, generation, state=state, heartbeat_at=clock())
 
         return cls(db, beat, interval, f"heartbeat-{name}")
 

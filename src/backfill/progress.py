@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from backfill import lease as leases
+from backfill.definition import Prerequisite
 from backfill.state import ShardState, State
 from backfill.store import shards
 from backfill.store.records import Record
 from backfill.store.shards import COUNTERS
-from backfill.types import Identity, Key, Liveness, row_id
-
-
-def iso(seconds: float | None) -> str | None:
-    """UTC ISO-8601 with a trailing Z, or None."""
-    if seconds is None:
-        return None
-    moment = datetime.fromtimestamp(seconds, tz=UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+from backfill.types import Identity, Key, Liveness, iso, row_id
 
 
 @dataclass(frozen=True)
@@ -72,6 +65,39 @@ class ShardStatus:
 
 
 @dataclass(frozen=True)
+class Verified:
+    """What the latest `verify` found, and when (recorded where the database is writable)."""
+
+    at: float
+    remaining: int
+    raising: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": iso(self.at), "remaining": self.remaining, "raising": self.raising}
+
+
+@dataclass(frozen=True)
+class RevertStatus:
+    """A revert begun and not finished: its own state (inProgress, canceled, failed, or
+    interrupted when its runner died), log entries gone through of those it began with, entries
+    restored, and entries kept because the app changed the row since."""
+
+    state: State
+    processed: int
+    total: int
+    reverted: int
+    kept: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": str(self.state),
+            "progress": {"processed": self.processed, "total": self.total, "completed": False},
+            "reverted": self.reverted,
+            "kept_changed_by_app": self.kept,
+        }
+
+
+@dataclass(frozen=True)
 class MigrationStatus:
     name: str
     state: State
@@ -95,6 +121,16 @@ class MigrationStatus:
     workers: int = 0
     # The shards of its run's plan (a run with workers); empty without one.
     shards: tuple[ShardStatus, ...] = ()
+    verified: Verified | None = None
+    # Whether its run (in progress, or the last) logs its changes to undo them; entries of the
+    # log not reverted yet; a revert begun and not finished.
+    undo: bool | None = None
+    undo_rows: int = 0
+    revert: RevertStatus | None = None
+    # The latest backup of the tables it touches: (path, when).
+    backup: tuple[str, float] | None = None
+    # When the gate of a migration that requires another opens (None: not known yet, or no gate).
+    allowed_at: float | None = None
 
     @property
     def completed(self) -> bool:
@@ -143,10 +179,20 @@ class MigrationStatus:
             "error": None if self.error is None else self.error.to_json(),
             "workers": self.workers,
             "shards": [shard.to_json() for shard in self.shards],
+            "verified": None if self.verified is None else self.verified.to_json(),
+            "undo": self.undo,
+            "undo_rows": self.undo_rows,
+            "revert": None if self.revert is None else self.revert.to_json(),
+            "backup": None
+            if self.backup is None
+            else {"path": self.backup[0], "at": iso(self.backup[1])},
+            "allowed_at": iso(self.allowed_at),
         }
 
 
-def status_of(record: Record, observed: State, seen: Liveness | None = None) -> MigrationStatus:
+def status_of(
+    record: Record, observed: State, seen: Liveness | None = None, undo_rows: int = 0
+) -> MigrationStatus:
     """The report of a stored `_migrations` row, in the state as people see it (`observed`:
     `interrupted` for a stored inProgress whose runner is gone). A run with a plan adds its
     shards' counters (summed on read) and its shards, as `seen` from here now: their states,
@@ -196,6 +242,30 @@ def status_of(record: Record, observed: State, seen: Liveness | None = None) -> 
         )
         for s, state in zip(record.plan, shard_states, strict=True)
     )
+    verified = None
+    if v.get("verified_at") is not None:  # layouts before 4 have no such column
+        verified = Verified(
+            v["verified_at"], int(v["verified_remaining"]), int(v["verified_raising"])
+        )
+    revert = None
+    if observed is State.REVERTING and v["revert_state"] is not None:
+        revert_state = State(v["revert_state"])
+        if (
+            revert_state is State.IN_PROGRESS
+            and seen is not None
+            and not leases.reverting_live(record, seen)
+        ):
+            revert_state = State.INTERRUPTED
+        revert = RevertStatus(
+            revert_state,
+            int(v["revert_processed"] or 0),
+            int(v["revert_total"] or 0),
+            int(v["revert_reverted"] or 0),
+            int(v["revert_kept"] or 0),
+        )
+        if revert_state is State.IN_PROGRESS:
+            runner = Identity(v["runner_host"], v["runner_pid"])
+            holders = [runner]
     return MigrationStatus(
         name=v["name"],
         state=observed,
@@ -216,4 +286,46 @@ def status_of(record: Record, observed: State, seen: Liveness | None = None) -> 
         cancel_requested=bool(v["cancel_requested"]),
         workers=len(holders),
         shards=plan,
+        verified=verified,
+        undo=None if v.get("undo") is None else bool(v["undo"]),
+        undo_rows=undo_rows,
+        revert=revert,
+        backup=None if v.get("backup_at") is None else (v["backup_path"], v["backup_at"]),
     )
+
+
+def report(
+    wanted: list[str],
+    stored: Mapping[str, Record],
+    requires: Callable[[str], Prerequisite | None],
+    observed: Callable[[Record], State],
+    seen: Liveness,
+    logged: Mapping[str, int],
+) -> dict[str, MigrationStatus]:
+    """The status of each `wanted` migration from its `stored` row (pending without one), with
+    its undo log's size (`logged`) and, for one that `requires` another, when its gate opens."""
+
+    def of(name: str) -> MigrationStatus | None:
+        record = stored.get(name)
+        if record is None:
+            return None
+        return status_of(record, observed(record), seen, logged.get(name, 0))
+
+    found = {}
+    for name in wanted:
+        status = of(name) or MigrationStatus(name=name, state=State.PENDING)
+        prerequisite = requires(name)
+        if prerequisite is not None:
+            opens = gate_opens_at(prerequisite, of(prerequisite.migration))
+            status = replace(status, allowed_at=opens)
+        found[name] = status
+    return found
+
+
+def gate_opens_at(prerequisite: Prerequisite, before: MigrationStatus | None) -> float | None:
+    """When a prerequisite's gate opens by time: the moment the migration it requires succeeded
+    plus its wait; None while it has not succeeded. (A gate that also asks for a clean verify
+    checks it then.)"""
+    if before is None or before.state is not State.SUCCESS or before.finished_at is None:
+        return None
+    return before.finished_at + prerequisite.min_age.total_seconds()

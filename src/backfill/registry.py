@@ -179,3 +179,7 @@ class Migrations:
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def requiring(self, name: str) -> list[str]:
+        """The migrations whose prerequisite is `name`."""
+        return [m.name for m in self if m.requires is not None and m.requires.migration == name]

@@ -27,12 +27,12 @@ from backfill.events import (
 )
 from backfill.position import MigrationPosition
 from backfill.progress import MigrationStatus
+from backfill.setting import Setting
 from backfill.state import State
 from backfill.stop_signals import StopSignals
 from backfill.store import records
-from backfill.store.database import Database
 from backfill.store.scan import describe_scan, scan_descriptor
-from backfill.types import Clock, Identity
+from backfill.store.undo import UndoLog
 
 
 @dataclass(frozen=True)
@@ -58,35 +58,37 @@ class RunResult:
 
 
 class Run:
-    """One run of `migration` by this process (`me`), reporting to `emit`."""
+    """One run of `migration` by this process, in `setting`, reporting to `emit`."""
 
     def __init__(
         self,
-        db: Database,
+        setting: Setting,
         migration: Migration,
         *,
-        clock: Clock,
-        lease_seconds: float,
-        me: Identity,
-        retry_policy: retry.RetryPolicy,
-        sleep: Callable[[float], None],
         emit: Emitter,
         status: Callable[[str], MigrationStatus],
-        observed: Callable[[records.Record | None], State],
     ) -> None:
-        self.db, self.migration, self.name = db, migration, migration.name
-        self.clock, self.lease_seconds, self.me = clock, lease_seconds, me
-        self.retry_policy, self.sleep, self.emit = retry_policy, sleep, emit
-        self.status, self.observed = status, observed
+        self.setting, self.migration, self.name = setting, migration, migration.name
+        self.db, self.clock, self.me = setting.db, setting.clock, setting.me
+        self.lease_seconds, self.invocation = setting.lease_seconds, setting.invocation
+        self.retry_policy, self.sleep = setting.retry_policy, setting.sleep
+        self.emit, self.status, self.observed = emit, status, setting.observed
 
     def start(
-        self, size: int, restart: bool, policy: OnError, pause: float, *, sql: bool = True
+        self,
+        size: int,
+        restart: bool,
+        policy: OnError,
+        pause: float,
+        *,
+        sql: bool = True,
+        undo: leases.Undo = leases.NOT_ASKED,
     ) -> RunResult:
         """Claim the migration and run its batches: a RunResult (`already_done` when it had
         succeeded and no restart was asked for), or the error that ended the run, raised after
         its run_finished event."""
         migration, name, emit = self.migration, self.name, self.emit
-        claim = self.claim(size, restart)
+        claim = self.claim(size, restart, undo=undo)
         if claim is None:
             return RunResult(name, self.status(name), already_done=True)
         record = claim.record
@@ -108,6 +110,7 @@ class Run:
                     policy,
                     self.clock,
                     sql=sql,
+                    undo=UndoLog(name, claim.run_id) if record["undo"] else None,
                 ) as batches,
             ):
                 result = self._loop(claim.generation, batches, pause, beat, signals)
@@ -119,7 +122,11 @@ class Run:
         return result
 
     def claim(
-        self, size: int, restart: bool, planner: leases.Planner | None = None
+        self,
+        size: int,
+        restart: bool,
+        planner: leases.Planner | None = None,
+        undo: leases.Undo = leases.NOT_ASKED,
     ) -> leases.Claim | None:
         """Claim the migration (lease.enter) after checking its scan did not change under a
         half-done run, counting `total` first; with a `planner`, for workers."""
@@ -140,6 +147,8 @@ class Run:
             total_is_estimate=estimated,
             batch_size=size,
             planner=planner,
+            invocation=self.invocation,
+            undo=undo,
         )
 
     def _state_now(self) -> str | None:

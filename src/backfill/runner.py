@@ -7,39 +7,50 @@ Rich or click.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from backfill import gate, retry
+from backfill import gate, retry, verification
 from backfill import lease as leases
+from backfill.backups import Backups, RestoreResult
+from backfill.by_hand import ByHand
 from backfill.decision import OnError
-from backfill.definition import Migration
+from backfill.definition import Migration, Prerequisite
 from backfill.dry_run import rehearse
+from backfill.errors import BackfillError, Refused
 from backfill.events import (
     Emitter,
     Listener,
     StateChanged,
 )
+from backfill.history import HistoryEntry, Invocation
 from backfill.pacing import wall_clock
-from backfill.progress import MigrationStatus, status_of
+from backfill.plan_verbs import PlanVerbs
+from backfill.progress import MigrationStatus, report
 from backfill.registry import Migrations
+from backfill.revert import Revert, RevertResult
 from backfill.run import Run, RunResult
+from backfill.setting import Setting
 from backfill.state import State
-from backfill.store import records
+from backfill.store import history as history_rows
+from backfill.store import records, skipped
+from backfill.store import undo as undo_log
+from backfill.store.backup import BackupInfo
 from backfill.store.database import Database, Limits
 from backfill.store.expression import declared_change
 from backfill.store.inspection import check_table, reflect_table
-from backfill.store.shards import forget as forget_plan
 from backfill.types import Clock, Identity, Liveness
 from backfill.verification import SAMPLE_IDS, Verification, verify
-from backfill.worker import StepResult, Worker, WorkResult
+from backfill.worker import StepResult, Worker
 
 
-class Runner:
+class Runner(PlanVerbs):
     def __init__(
         self,
         database: str | sa.URL | sa.Engine | Database,
@@ -50,8 +61,10 @@ class Runner:
         retry_policy: retry.RetryPolicy | None = None,
         limits: Limits | None = None,
         listeners: Sequence[Listener] = (),
+        invocation: Invocation | None = None,
     ) -> None:
-        """`listeners` are called with every event of this runner (backfill.events)."""
+        """`listeners` are called with every event of this runner (backfill.events);
+        `invocation` is what the history records of who uses it (default: the Python API)."""
         self.db = database if isinstance(database, Database) else Database(database, limits=limits)
         self.retry_policy = retry_policy or retry.RetryPolicy()
         self.sleep: Callable[[float], None] = time.sleep  # between retries; tests replace it
@@ -62,6 +75,7 @@ class Runner:
         )
         self.me = Identity.current()
         self.listeners = list(listeners)
+        self.invocation = invocation or Invocation()
         self._resolved: dict[str, Migration] = {}
 
     def migration(self, name: str) -> Migration:
@@ -81,7 +95,7 @@ class Runner:
     # -- reading state ------------------------------------------------------------------------
 
     def _observed(self, record: records.Record | None) -> State:
-        return leases.observed_state(record, self.clock(), self.lease_seconds, self.me)
+        return self._setting().observed(record)
 
     def _ensure_schema(self) -> None:
         """backfill's tables, created or upgraded (refused while a live run holds a lease)."""
@@ -95,24 +109,17 @@ class Runner:
         # Reading creates nothing: without the engine's tables every migration is pending.
         with self.db.unavailable_as_error(), self.db.read() as conn:
             stored = records.load_all(conn) if records.tables_exist(conn) else {}
-        report = {}
-        for name in wanted:
-            record = stored.get(name)
-            report[name] = (
-                self._status_of(record)
-                if record
-                else MigrationStatus(name=name, state=State.PENDING)
-            )
-        return report
-
-    def _status_of(self, record: records.Record) -> MigrationStatus:
+            logged = undo_log.counts(conn) if stored and undo_log.kept_here(conn) else {}
         seen = Liveness(self.clock(), self.lease_seconds, self.me)
-        return status_of(record, self._observed(record), seen)
+        return report(wanted, stored, self._requires, self._observed, seen, logged)
+
+    def _requires(self, name: str) -> Prerequisite | None:
+        return self.migrations[name].requires
 
     def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
         self.migrations[name]
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            return records.skipped_rows(conn, name, limit) if records.tables_exist(conn) else []
+            return skipped.rows(conn, name, limit) if records.tables_exist(conn) else []
 
     # -- control ------------------------------------------------------------------------------
 
@@ -120,60 +127,105 @@ class Runner:
         """Ask a live run to stop after its current batch. False: no live run, nothing changed."""
         self.migrations[name]
         self._ensure_schema()
-        # No live run: say so at once, without waiting for the write lock a runner may hold.
-        with self.db.unavailable_as_error(), self.db.read() as conn:
-            if self._observed(records.load(conn, name)) is not State.IN_PROGRESS:
-                return False
-        with self.db.unavailable_as_error(), self.db.write() as conn:
-            record = records.load(conn, name)
-            if self._observed(record) is not State.IN_PROGRESS or record is None:
-                return False
-            return records.update_live(conn, name, record.generation, cancel_requested=True)
+        return self._by_hand().cancel(name)
 
     def reset(self, name: str) -> MigrationStatus:
         """Forget progress so the next run starts from the beginning. Refused (LeaseHeld) while
-        a live run holds the migration, even one that claimed it at this very moment: then
-        nothing is forgotten, not even its skipped rows."""
+        a live run holds the migration: then nothing is forgotten."""
         self.migrations[name]
         self._ensure_schema()
-
-        def refuse_if_held() -> None:
-            leases.refuse_if_held(
-                self.db, name, now=self.clock(), lease=self.lease_seconds, me=self.me
-            )
-
-        with self.db.unavailable_as_error():
-            # A live run is refused at once, without waiting for the write lock it may hold.
-            refuse_if_held()
-        with self.db.unavailable_as_error(), self.db.write(meanwhile=refuse_if_held) as conn:
-            record = records.load(conn, name)
-            if record is not None:
-                observed = self._observed(record)
-                leases.refuse_if_live(
-                    name, record, observed, Liveness(self.clock(), self.lease_seconds, self.me)
-                )
-                records.transition(
-                    conn,
-                    name,
-                    at_generation=record.generation,
-                    source=observed,
-                    target=State.PENDING,
-                    **records.forgotten_progress(self.clock()),
-                )
-                records.forget_skipped(conn, name)
-                forget_plan(conn, name)
-        if record is not None:
-            Emitter(self.listeners)(StateChanged(name, self.clock(), str(observed), "pending"))
+        before = self._by_hand().reset(name)
+        if before is not None:
+            Emitter(self.listeners)(StateChanged(name, self.clock(), str(before), "pending"))
         return self.status([name])[name]
+
+    def forget_undo(self, name: str) -> bool:
+        """Drop the migration's undo log (False: it had none). A migration `reverting` becomes
+        `pending`; a run the log held can no longer be reverted."""
+        self.migrations[name]
+        self._ensure_schema()
+        return self._by_hand().forget_undo(name)
+
+    def revert(
+        self, name: str, *, batch_size: int | None = None, listeners: Sequence[Listener] = ()
+    ) -> RevertResult:
+        """Put back what the migration's runs with undo logged, newest first, in batches of
+        `batch_size` log entries: a run of its own kind (lease, heartbeat, cancel, events,
+        history), resumable after a cancel or a crash. Rows the app changed since are kept."""
+        migration = self.migration(name)
+        self._ensure_schema()
+        with self.db.unavailable_as_error():
+            check_table(self.db.engine, migration)
+            revert = Revert(
+                self._setting(),
+                migration,
+                emit=Emitter([*self.listeners, *listeners]),
+                dependents=self.migrations.requiring(name),
+            )
+            return revert.start(batch_size or migration.batch_size)
+
+    # -- backups ------------------------------------------------------------------------------
+
+    def backup(self, names: Sequence[str] = (), output: str | Path | None = None) -> BackupInfo:
+        """Back up, in one snapshot, the tables the named migrations (every one when none)
+        touch, into `output` (a new directory; by default under ./backfill-backups)."""
+        chosen = [self.migration(name) for name in names or self.migrations.names()]
+        folder = None if output is None else Path(output)
+        with contextlib.suppress(BackfillError):  # a read-only user backs up all the same
+            self._ensure_schema()
+        return self._backups().take(chosen, folder)
+
+    def restore(self, path: str | Path) -> RestoreResult:
+        """Put a backup back; the migrations over its tables are `pending` after it."""
+        self._ensure_schema()
+        return self._backups().restore(Path(path))
+
+    def _backups(self) -> Backups:
+        every = [self.migration(name) for name in self.migrations.names()]
+        return Backups(self._setting(), every)
+
+    def _by_hand(self) -> ByHand:
+        return ByHand(self._setting())
+
+    def _setting(self, invocation: Invocation | None = None) -> Setting:
+        """As this runner is set now (tests replace its `sleep`)."""
+        return Setting(
+            self.db,
+            self.clock,
+            self.lease_seconds,
+            self.me,
+            self.retry_policy,
+            self.sleep,
+            invocation or self.invocation,
+        )
+
+    def history(self, name: str | None = None, limit: int = 50) -> list[HistoryEntry]:
+        """What was done to the migrations (to `name`, when given), newest first."""
+        if name is not None:
+            self.migrations[name]
+        with self.db.unavailable_as_error(), self.db.read() as conn:
+            return history_rows.entries(conn, name, limit, self._observed)
+
+    def run_entry(self, name: str) -> HistoryEntry | None:
+        """The history row of `name`'s run in progress, or of its latest; None before any."""
+        self.migrations[name]
+        with self.db.unavailable_as_error(), self.db.read() as conn:
+            return history_rows.latest(conn, name, self._observed)
 
     # -- read-only scans ----------------------------------------------------------------------
 
-    def verify(self, name: str) -> Verification:
-        """Full read-only scan: rows the migration would still change, and rows it raises on."""
+    def verify(self, name: str, *, record: bool = True) -> Verification:
+        """Full read-only scan: rows the migration would still change, and rows it raises on.
+        Its result is recorded for `status` where backfill's tables are and this user may write;
+        where it may not (a read-only user, a replica), verify works the same and says so in the
+        log."""
         migration = self.migration(name)
         with self.db.unavailable_as_error():
             check_table(self.db.engine, migration)
-            return verify(self.db, migration)
+            found = verify(self.db, migration)
+        if record:
+            verification.record(self.db, name, found, self.clock())
+        return found
 
     def count(self, name: str) -> Verification:
         """How many rows the migration would still change (the same scan as verify)."""
@@ -195,10 +247,14 @@ class Runner:
         pause: float = 0.0,
         listeners: Sequence[Listener] = (),
         sql: bool = True,
+        undo: bool | None = None,
+        prefer_undo: bool = False,
     ) -> list[RunResult]:
         """Run the migrations one after another; stop at the first that fails or is canceled.
         `sql=False` ignores declared SQL (SqlChange): every row goes through the function.
-        `listeners` get this call's events, after the runner's own."""
+        `listeners` get this call's events, after the runner's own. `undo`: log each change
+        to undo it (`revert`); None: as the run it resumes did, else with `prefer_undo`
+        (prod's default) wherever the migration can be undone."""
         emit = Emitter([*self.listeners, *listeners])
         chosen = [self.migration(name) for name in names]
         policy = OnError(on_error)
@@ -209,180 +265,83 @@ class Runner:
         results = []
         for migration in chosen:
             with self.db.unavailable_as_error():
-                check_table(self.db.engine, migration)
-                if not force:
-                    self._check_gate(migration, min_age)
-                # A dry run goes through the function.
-                size = self._batch_size(migration, batch_size, sql and not dry_run)
+                # A dry run goes through the function, and records nothing (not a verify).
+                size, choice = self._ready(
+                    migration,
+                    batch_size,
+                    sql and not dry_run,
+                    gate=not force,
+                    min_age=min_age,
+                    record=not dry_run,
+                    undo=leases.Undo(undo, prefer_undo),
+                )
                 if dry_run:
                     report = rehearse(
                         self.db, migration, size, dry_run_batches, policy, self._observed
                     )
                     status = self.status([migration.name])[migration.name]
                     result = RunResult(migration.name, status, dry_run=report)
-                elif not restart and self._has_plan_to_finish(migration.name):
+                elif not restart and records.has_plan_to_finish(self.db, migration.name):
                     # A run with a plan resumes every shard from its cursor: one worker, here.
                     worker = self._worker(migration, emit)
-                    work = worker.join_and_work(size, policy, pause, sql, run=True)
+                    work = worker.join_and_work(size, policy, pause, sql, run=True, undo=choice)
                     result = RunResult(work.name, work.status, work.already_done, work.error)
                 else:
-                    result = self._run_one(migration, size, restart, policy, pause, emit, sql=sql)
+                    run = self._run(migration, emit)
+                    result = run.start(size, restart, policy, pause, sql=sql, undo=choice)
             results.append(result)
             if result.state in (State.FAILED, State.CANCELED):
                 break
         return results
 
-    def _has_plan_to_finish(self, name: str) -> bool:
-        with self.db.read() as conn:
-            record = records.load(conn, name)
-        return record is not None and bool(record.plan) and record.state is not State.SUCCESS
-
-    def work(
+    def _ready(
         self,
-        name: str,
+        migration: Migration,
+        batch_size: int | None,
+        sql: bool,
         *,
-        batch_size: int | None = None,
-        restart: bool = False,
-        on_error: OnError | str = OnError.FAIL,
+        gate: bool,
         min_age: timedelta | None = None,
-        force: bool = False,
-        pause: float = 0.0,
-        wait: bool = False,
-        workers: int | None = None,
-        listeners: Sequence[Listener] = (),
-        sql: bool = True,
-    ) -> WorkResult:
-        """Be a worker of `name`'s run with a plan (the `worker` command): start or resume the
-        run exactly as `run` would (same gates, same `restart`; a plan of 4 x `workers` shards,
-        16 without), or join the run in progress; then take shards, one at a time, until none
-        is left to claim or split. With `wait`, wait for a shard to free meanwhile, until the
-        run ends."""
-        emit = Emitter([*self.listeners, *listeners])
-        migration = self.migration(name)
-        policy = OnError(on_error)
-        self._ensure_schema()
-        with self.db.unavailable_as_error():
-            check_table(self.db.engine, migration)
-            if not force and self.status([name])[name].state is not State.IN_PROGRESS:
-                self._check_gate(migration, min_age)
-            size = self._batch_size(migration, batch_size, sql)
-            return self._worker(migration, emit).join_and_work(
-                size, policy, pause, sql, restart=restart, wait=wait, workers=workers
-            )
-
-    def begin(
-        self,
-        name: str,
-        workers: int,
-        *,
-        batch_size: int | None = None,
-        restart: bool = False,
-        min_age: timedelta | None = None,
-        force: bool = False,
-        sql: bool = True,
-        listeners: Sequence[Listener] = (),
-    ) -> WorkResult | None:
-        """Start or resume `name`'s run with a plan of 4 x `workers` shards without working it
-        (`run --workers N` does this, then starts N workers): None when the run is ready for
-        workers, else what there is to say (it had succeeded). LeaseHeld while it is held."""
-        emit = Emitter([*self.listeners, *listeners])
-        migration = self.migration(name)
-        self._ensure_schema()
-        with self.db.unavailable_as_error():
-            check_table(self.db.engine, migration)
-            if not force:
-                self._check_gate(migration, min_age)
-            size = self._batch_size(migration, batch_size, sql)
-            worker = self._worker(migration, emit)
-            joined = worker.join(size, restart=restart, workers=workers, join=False)
-        if joined is None:
-            return WorkResult(name, self.status([name])[name], already_done=True)
-        return None
-
-    def step(
-        self,
-        name: str,
-        budget_seconds: float = 60.0,
-        *,
-        resume: bool = False,
-        batch_size: int | None = None,
-        on_error: OnError | str = OnError.FAIL,
-        sql: bool = True,
-        listeners: Sequence[Listener] = (),
-    ) -> StepResult:
-        """One time slice of `name`'s run, for a job queue whose jobs have a timeout: start
-        the run (from pending or interrupted; from failed or canceled only with `resume`, so a
-        late duplicate of a step never undoes a cancel) or join it, take one shard, run its
-        batches until `budget_seconds` are spent or it is done, and let it go. A duplicate or
-        late step is harmless: it finds nothing to take, or goes on from a shard's cursor."""
-        emit = Emitter([*self.listeners, *listeners])
-        migration = self.migration(name)
-        policy = OnError(on_error)
-        self._ensure_schema()
-        starts = {State.PENDING, State.INTERRUPTED} | (
-            {State.FAILED, State.CANCELED} if resume else set()
-        )
-        processed = 0
-        with self.db.unavailable_as_error():
-            check_table(self.db.engine, migration)
-            size = self._batch_size(migration, batch_size, sql)
-            worker = self._worker(migration, emit)
-            joined = worker.join(size, start_from=frozenset(starts))
-            if joined is not None:
-                processed = worker.step(joined, size, policy, sql, budget_seconds)
-        status = self.status([name])[name]
-        return StepResult(
-            more=status.state is State.IN_PROGRESS,
-            done=status.state is State.SUCCESS,
-            state=status.state,
-            held_until=None,
-            processed=processed,
-        )
-
-    def _batch_size(self, migration: Migration, given: int | None, sql: bool) -> int:
-        """`given`, else the migration's: its declared SQL's on this dialect when `sql`."""
+        record: bool = True,
+        undo: leases.Undo = leases.NOT_ASKED,
+    ) -> tuple[int, leases.Undo]:
+        """What every run of `migration` checks first: its table, its prerequisite's `gate`
+        (a verify it needs `record`ed), its undo choice (`undo.default`, prod's, only where it
+        can be undone; an explicit `--undo` where it cannot is refused); and the batch size:
+        `batch_size`, else the migration's (its declared SQL's on this dialect when `sql`)."""
+        check_table(self.db.engine, migration)
+        if gate:
+            self._check_gate(migration, min_age, record=record)
+        cannot = migration.cannot_undo
+        if undo.asked and cannot:
+            raise Refused(f"{cannot}; run it without --undo")
         change = declared_change(migration, self.db.dialect) if sql else None
-        return given or migration.default_batch_size(change)
+        size = batch_size or migration.default_batch_size(change)
+        return size, leases.Undo(undo.asked, undo.default and cannot is None)
 
-    def _worker(self, migration: Migration, emit: Emitter) -> Worker:
-        return Worker(self._run(migration, emit))
+    def _worker(
+        self, migration: Migration, emit: Emitter, invocation: Invocation | None = None
+    ) -> Worker:
+        return Worker(self._run(migration, emit, invocation))
 
-    def _run(self, migration: Migration, emit: Emitter) -> Run:
-        return Run(
-            self.db,
-            migration,
-            clock=self.clock,
-            lease_seconds=self.lease_seconds,
-            me=self.me,
-            retry_policy=self.retry_policy,
-            sleep=self.sleep,
-            emit=emit,
-            status=lambda name: self.status([name])[name],
-            observed=self._observed,
-        )
+    def _run(
+        self, migration: Migration, emit: Emitter, invocation: Invocation | None = None
+    ) -> Run:
+        status = self.status
+        return Run(self._setting(invocation), migration, emit=emit, status=lambda n: status([n])[n])
 
-    def _check_gate(self, migration: Migration, min_age: timedelta | None) -> None:
+    def _check_gate(
+        self, migration: Migration, min_age: timedelta | None, *, record: bool = True
+    ) -> None:
+        """GateClosed unless `migration` may run; a verify it needs is recorded (`record`:
+        not for a dry run, which persists nothing)."""
         gate.check(
             migration,
             min_age,
             now=self.clock(),
             status=lambda name: self.status([name])[name],
-            verify=self.verify,
+            verify=lambda name: self.verify(name, record=record),
         )
-
-    def _run_one(
-        self,
-        migration: Migration,
-        size: int,
-        restart: bool,
-        policy: OnError,
-        pause: float,
-        emit: Emitter,
-        *,
-        sql: bool = True,
-    ) -> RunResult:
-        run = self._run(migration, emit)
-        return run.start(size, restart, policy, pause, sql=sql)
 
 
 __all__ = ["Runner", "StepResult"]

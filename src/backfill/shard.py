@@ -30,6 +30,7 @@ class Joined:
 
     generation: int
     run_id: int
+    undo: bool = False  # the run logs its changes to undo them
 
 
 class ShardMoved(Exception):

@@ -19,6 +19,9 @@ class State(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     CANCELED = "canceled"
+    # A revert started and has not finished (its own state, running, canceled, failed or
+    # interrupted, is the status's `revert.state`).
+    REVERTING = "reverting"
 
     @property
     def completed(self) -> bool:
@@ -47,7 +50,21 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.CANCELED, State.PENDING): "reset",
     (State.SUCCESS, State.PENDING): "reset",
     (State.PENDING, State.PENDING): "reset of a migration never run changes nothing",
+    (State.SUCCESS, State.REVERTING): "revert starts, newest logged change first",
+    (State.FAILED, State.REVERTING): "revert starts",
+    (State.CANCELED, State.REVERTING): "revert starts",
+    (State.INTERRUPTED, State.REVERTING): "revert starts after the runner died",
+    (State.PENDING, State.REVERTING): "revert starts after a reset kept the undo log",
+    (
+        State.REVERTING,
+        State.REVERTING,
+    ): "revert resumes (after a cancel, a failure, its runner's death), or stops unfinished",
+    (State.REVERTING, State.PENDING): "the revert finished, or forget-undo dropped its log",
 }
+
+
+# Where a run ends (from inProgress).
+ENDS = frozenset({State.SUCCESS, State.FAILED, State.CANCELED})
 
 
 def allowed(source: State, target: State) -> bool:

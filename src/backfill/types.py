@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,11 @@ class Liveness:
     def recent(self, moment: float | None) -> bool:
         """`moment` lies less than the lease time ago."""
         return moment is not None and self.now - moment <= self.lease
+
+
+def iso(seconds: float | None) -> str | None:
+    """UTC ISO-8601 with a trailing Z, or None."""
+    if seconds is None:
+        return None
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -37,6 +37,7 @@ from backfill.store import plan as plans
 from backfill.store import records, shards
 from backfill.store.records import Record
 from backfill.store.shards import ShardRecord
+from backfill.store.undo import UndoLog
 from backfill.types import Liveness
 
 # A worker with nothing to claim splits a shard with more than this many batches left.
@@ -124,6 +125,7 @@ class Worker:
         workers: int | None = None,
         start_from: frozenset[State] | None = None,
         join: bool = True,
+        undo: leases.Undo = leases.NOT_ASKED,
     ) -> Joined | None:
         """Join the run in progress, or start or resume one exactly as `run` would (`workers`
         sets the plan's size: 4 x N shards, 16 without). None when the migration succeeded and
@@ -136,20 +138,22 @@ class Worker:
             if observed is State.IN_PROGRESS and record is not None:
                 if not record.plan or restart or not join:
                     leases.refuse_if_live(self.name, record, observed, self._seen())
-                joined = Joined(record.generation, int(record["run_id"]))
+                joined = Joined(record.generation, int(record["run_id"]), bool(record["undo"]))
                 self._started(joined, record, workers)
                 return joined
             if start_from is not None and observed not in start_from:
                 return None
             try:
-                claim = self._run.claim(size, restart, planner=self._planner(workers, size))
+                claim = self._run.claim(
+                    size, restart, planner=self._planner(workers, size), undo=undo
+                )
             except LeaseHeld:
                 if not join:
                     raise
                 continue  # another worker started it this instant: join it
             if claim is None:
                 return None
-            joined = Joined(claim.generation, claim.run_id)
+            joined = Joined(claim.generation, claim.run_id, bool(claim.record["undo"]))
             self.emit(StateChanged(self.name, self.clock(), str(claim.source), "inProgress"))
             self._started(joined, claim.record, workers)
             return joined
@@ -200,8 +204,9 @@ class Worker:
                 position = ShardPosition(self.db, self.name, joined, shard)
                 scoped = plans.bounded(self.migration, shard.bounds.lo, shard.bounds.hi)
                 try:
+                    log = UndoLog(self.name, joined.run_id) if joined.undo else None
                     with Batches(
-                        self.db, scoped, position, size, policy, self.clock, sql=sql
+                        self.db, scoped, position, size, policy, self.clock, sql=sql, undo=log
                     ) as batches:
                         ending, rows = self._batches(shard, batches, pause, beat, signals, deadline)
                         processed += rows
@@ -285,10 +290,11 @@ class Worker:
         wait: bool = False,
         workers: int | None = None,
         run: bool = False,
+        undo: leases.Undo = leases.NOT_ASKED,
     ) -> WorkResult:
         """Join or start the run (`run` never joins one: it starts a run or is refused), then
         work it until nothing is left (`work`)."""
-        joined = self.join(size, restart=restart, workers=workers, join=not run)
+        joined = self.join(size, restart=restart, workers=workers, join=not run, undo=undo)
         if joined is None:
             return WorkResult(self.name, self._status(self.name), already_done=True)
         return self.work(joined, size, policy, pause, sql, wait=wait, signal_cancels=run)

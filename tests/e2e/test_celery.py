@@ -132,7 +132,10 @@ class Cluster:
         )
 
     def runs(self) -> list[int]:
-        rows = self.h.query("SELECT id FROM _migration_runs WHERE migration = :m", {"m": NAME})
+        """The ids of the migration's runs (its history's other rows are commands by hand)."""
+        rows = self.h.query(
+            "SELECT id FROM _migration_runs WHERE migration = :m AND kind = 'run'", {"m": NAME}
+        )
         return sorted(r[0] for r in rows)
 
     def snapshot(self) -> tuple[Any, ...]:

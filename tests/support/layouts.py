@@ -78,8 +78,33 @@ def layout_2(metadata: sa.MetaData) -> None:
     )
 
 
+def layout_3(metadata: sa.MetaData) -> None:
+    """issue 10: layout 2 and `_migration_shards`."""
+    layout_2(metadata)
+    sa.Table(
+        "_migration_shards",
+        metadata,
+        sa.Column("migration", sa.String(200), primary_key=True),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("lo", sa.Text),
+        sa.Column("hi", sa.Text),
+        sa.Column("cursor", sa.Text),
+        sa.Column("state", sa.String(20), nullable=False),
+        sa.Column("generation", sa.Integer, nullable=False, default=0),
+        sa.Column("runner_host", sa.String(255)),
+        sa.Column("runner_pid", sa.Integer),
+        sa.Column("heartbeat_at", sa.Double),
+        sa.Column("released_at", sa.Double),
+        sa.Column("processed", sa.BigInteger, nullable=False, default=0),
+        sa.Column("changed", sa.BigInteger, nullable=False, default=0),
+        sa.Column("skipped_errors", sa.BigInteger, nullable=False, default=0),
+        sa.Column("kept", sa.BigInteger, nullable=False, default=0),
+        sa.Column("run_id", sa.Integer),
+    )
+
+
 # version -> how to declare that layout's tables.
-LAYOUTS: dict[int, Callable[[sa.MetaData], None]] = {1: layout_1, 2: layout_2}
+LAYOUTS: dict[int, Callable[[sa.MetaData], None]] = {1: layout_1, 2: layout_2, 3: layout_3}
 
 
 def create_layout(engine: sa.Engine, version: int) -> None:

@@ -8,25 +8,38 @@ import traceback
 import click
 import sqlalchemy as sa
 
+from backfill.cli.backup import backup_command, restore_command
 from backfill.cli.commands import cli
+from backfill.cli.history import history_command
 from backfill.cli.options import current, forget
 from backfill.cli.render import err
+from backfill.cli.revert import forget_undo_command, revert_command
 from backfill.errors import BackfillError
+from backfill.redaction import scrub
 
 __all__ = ["cli", "main"]
+
+for command in (
+    history_command,
+    revert_command,
+    forget_undo_command,
+    backup_command,
+    restore_command,
+):
+    cli.add_command(command)
 
 
 def _scrub(message: str) -> str:
     """Never print a password, even inside a driver's error text."""
     try:
-        password = sa.make_url(current().settings.database_url).password
+        url = current().settings.database_url
     except Exception:  # noqa: BLE001 - no settings, nothing to scrub
         return message
-    return message.replace(str(password), "***") if password else message
+    return scrub(message, url)
 
 
 def main(argv: list[str] | None = None) -> None:
-    forget()
+    forget(sys.argv[1:] if argv is None else argv)
     try:
         code = cli.main(args=argv, prog_name="backfill", standalone_mode=False)
     except click.exceptions.Abort:

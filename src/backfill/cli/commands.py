@@ -9,16 +9,17 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
+from backfill.cli import detach as detached
 from backfill.cli import render
 from backfill.cli.options import (
     Duration,
+    ask_before_running,
     confirm,
-    confirm_production,
     current,
     events_file,
     events_option,
     global_options,
-    interactive,
+    undo_option,
 )
 from backfill.cli.workers import WorkOptions, run_with_workers, worker_command
 from backfill.decision import OnError
@@ -104,7 +105,23 @@ def status(names: tuple[str, ...], watch: bool, interval: float, shards: bool) -
     type=click.IntRange(min=1),
     help="Start N worker processes on this machine, each working range shards of the run.",
 )
+@undo_option
 @click.option("--yes", is_flag=True, help="Do not ask before running in prod.")
+@click.option(
+    "--no-backup-check",
+    is_flag=True,
+    help="In prod, do not ask again when the tables have no backup from the last 24 hours.",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Run in the background; return once the run has begun (`backfill wait` follows it).",
+)
+@click.option(
+    "--log",
+    type=click.Path(dir_okay=False),
+    help="With --detach: where the run logs (default ./backfill-logs/NAME-TIME.log).",
+)
 @events_option
 @global_options
 def run(
@@ -119,7 +136,11 @@ def run(
     pause: float,
     python_only: bool,
     workers: int | None,
+    undo: bool | None,
     yes: bool,
+    no_backup_check: bool,
+    detach: bool,
+    log: str | None,
     events: str | None,
 ) -> int:
     """Run the named migrations one after another, each resuming from its cursor."""
@@ -127,29 +148,37 @@ def run(
     runner = g.runner()
     for name in names:
         runner.migrations[name]  # unknown names are refused before anything runs
+    if detach and dry_run:
+        raise click.UsageError("--detach and --dry-run do not go together: a dry run saves nothing")
+    # Started by `run --detach`: it reports its claim to its parent, which asked every question.
+    report = detached.claim_report()
+    claimed = [] if report is None else [report]
     settings = g.settings
-    if not dry_run:
-        confirm_production(g, names, yes)
-    if force and settings.is_production:
-        if not interactive():
-            raise Refused(
-                "--force in prod must be confirmed by typing the environment name at a terminal"
-            )
-        typed = click.prompt(f"Type {settings.environment!r} to skip the safety gate", err=True)
-        if typed != settings.environment:
-            raise Refused("environment name not confirmed; nothing was run")
+    if report is None:  # (a detached run's parent asked them)
+        ask_before_running(
+            g, names, yes=yes, force=force, dry_run=dry_run, backup=not no_backup_check
+        )
+        if settings.is_production and undo is None and not dry_run:
+            for name in names:
+                cannot = runner.migrations[name].cannot_undo
+                if cannot is not None:
+                    render.err.print(f"{name}: runs without an undo log: {cannot}")
+    work = WorkOptions(batch_size, on_error, pause, python_only, undo)
+    if detach:
+        options = detached.RunArguments(work, restart, min_age, force, workers, events)
+        return detached.start(g, names, options, log)
     if workers is not None and not dry_run:
         with events_file(events) as written:
             return run_with_workers(
                 g,
                 names,
                 workers,
-                WorkOptions(batch_size, on_error, pause, python_only),
+                work,
                 restart=restart,
                 min_age=min_age,
                 force=force,
                 events=events,
-                listeners=written,
+                listeners=[*written, *claimed],
             )
     started = time.monotonic()
     with render.RunProgress() as progress, events_file(events) as written:
@@ -164,7 +193,9 @@ def run(
             force=force,
             pause=pause,
             sql=not python_only,
-            listeners=[*written, *([] if g.json else [progress])],
+            undo=undo,
+            prefer_undo=settings.is_production,
+            listeners=[*written, *claimed, *([] if g.json else [progress])],
         )
     _report(results, g.json, started)
     return _exit_code(results)
@@ -338,3 +369,4 @@ def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
 
 
 cli.add_command(worker_command)
+cli.add_command(detached.wait_command)

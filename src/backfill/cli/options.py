@@ -18,15 +18,20 @@ import click
 from backfill import config
 from backfill.errors import ConfigError, Refused
 from backfill.events import JsonLines, Listener
+from backfill.history import Invocation, Origin
 from backfill.lease import DEFAULT_LEASE_SECONDS
+from backfill.redaction import redact_arguments
 from backfill.registry import Migrations
 from backfill.retry import RetryPolicy
 from backfill.runner import Runner
 from backfill.store.database import Limits
+from backfill.types import iso
 
 F = TypeVar("F", bound=Callable[..., Any])
 # The global options of the invocation in progress; `main` clears it before each invocation.
 _given: dict[str, Any] = {}
+# The command line of the invocation in progress, as `main` received it (for the history).
+_arguments: list[str] = []
 
 
 def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -116,11 +121,18 @@ class Globals:
             raise ConfigError(f"app {reference!r} is not a backfill Migrations registry")
         return app
 
-    def runner(self, migrations: Migrations | None = None) -> Runner:
-        """A Runner over the configured app, or over `migrations` (demo's flagship) if given."""
+    def runner(self, migrations: Migrations | None = None, origin: Origin = Origin.CLI) -> Runner:
+        """A Runner over the configured app, or over `migrations` (demo's flagship) if given;
+        the history records what it starts as asked from `origin`, with this command line."""
         if migrations is None:
             migrations = self.migrations()
-        runner = Runner(self.settings.database_url, migrations, **engine_knobs())
+        settings = self.settings
+        invocation = Invocation(
+            origin=origin,
+            arguments=tuple(redact_arguments(_arguments, settings.database_url)),
+            environment=settings.environment,
+        )
+        runner = Runner(settings.database_url, migrations, invocation=invocation, **engine_knobs())
         context = click.get_current_context(silent=True)
         if context is not None:  # the command's connections close when it ends
             context.call_on_close(runner.db.dispose)
@@ -141,8 +153,10 @@ def current() -> Globals:
     return Globals(_given)
 
 
-def forget() -> None:
+def forget(arguments: Sequence[str] = ()) -> None:
+    """A new invocation, with this command line."""
     _given.clear()
+    _arguments[:] = arguments
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -152,6 +166,14 @@ events_option = click.option(
     "--events",
     type=click.Path(dir_okay=False),
     help="Append every event of the run to FILE, one JSON object per line.",
+)
+
+
+undo_option = click.option(
+    "--undo/--no-undo",
+    default=None,
+    help="Log each change so `backfill revert` can put it back (default: in prod, wherever "
+    "the migration can be undone; a resume does as its run did).",
 )
 
 
@@ -204,3 +226,50 @@ def confirm_production(g: Globals, names: Sequence[str], yes: bool) -> None:
             yes,
             "running in prod needs confirmation: pass --yes or run from a terminal",
         )
+
+
+# A prod run asks again when the latest backup of its tables is older than this.
+RECENT_SECONDS = 24 * 3600
+
+
+def ask_without_recent_backup(runner: Runner, names: Sequence[str]) -> None:
+    """A prod run whose migration has no backup from the last 24 hours asks again, at a
+    terminal only (`--yes` does not answer it; `--no-backup-check` skips it)."""
+    report = runner.status(names)
+    now = runner.clock()
+    for name in names:
+        latest = report[name].backup
+        if latest is not None and now - latest[1] <= RECENT_SECONDS:
+            continue
+        told = "never backed up" if latest is None else f"last backed up at {iso(latest[1])}"
+        if not interactive():
+            raise Refused(
+                f"{name}: no backup of its tables in the last 24 hours ({told}): take one "
+                f"with `backfill backup {name}`, or pass --no-backup-check"
+            )
+        if not click.confirm(
+            f"{name}: no backup of its tables in the last 24 hours ({told}). Run anyway?",
+            default=False,
+            err=True,
+        ):
+            raise Refused(f"{name}: not run; take a backup first (`backfill backup {name}`)")
+
+
+def ask_before_running(
+    g: Globals, names: Sequence[str], *, yes: bool, force: bool, dry_run: bool, backup: bool
+) -> None:
+    """The questions of a run: in prod, run at all (or `--yes`), without a recent backup
+    (unless not `backup`), and skip the gate (`--force`: the environment's name typed)."""
+    settings = g.settings
+    if not dry_run:
+        confirm_production(g, names, yes)
+        if settings.is_production and backup:
+            ask_without_recent_backup(g.runner(), names)
+    if force and settings.is_production:
+        if not interactive():
+            raise Refused(
+                "--force in prod must be confirmed by typing the environment name at a terminal"
+            )
+        typed = click.prompt(f"Type {settings.environment!r} to skip the safety gate", err=True)
+        if typed != settings.environment:
+            raise Refused("environment name not confirmed; nothing was run")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -27,9 +27,11 @@ from rich.table import Table
 
 from backfill.dry_run import DryRun
 from backfill.events import BatchCommitted, Event, RunStarted
+from backfill.history import HistoryEntry
 from backfill.pacing import Ticker
-from backfill.progress import MigrationStatus, iso
-from backfill.types import row_id
+from backfill.progress import MigrationStatus
+from backfill.state import State
+from backfill.types import iso, row_id
 
 # Piped output is read by people later (logs, CI): do not squeeze it into 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -66,6 +68,7 @@ _STATE_STYLE = {
     "canceled": "yellow",
     "pending": "dim",
     "done": "green",
+    "reverting": "magenta",
 }
 
 
@@ -95,7 +98,48 @@ def status_table(report: Mapping[str, MigrationStatus]) -> Table:
             _number(status.skipped_errors),
             "—" if rate is None else f"{rate:,.0f}",
             _duration(status.eta_seconds),
-            (iso(status.updated_at) or "—").replace("T", " ").rstrip("Z"),
+            _when(status.updated_at),
+        )
+    return table
+
+
+def _when(seconds: float | None) -> str:
+    return (iso(seconds) or "—").replace("T", " ").rstrip("Z")
+
+
+def history_table(entries: Sequence[HistoryEntry]) -> Table:
+    table = Table(title=None, show_lines=False)
+    for header in (
+        "id",
+        "migration",
+        "kind",
+        "origin",
+        "by",
+        "started (UTC)",
+        "took",
+        "outcome",
+        "exit",
+        "processed",
+        "changed",
+        "skipped",
+    ):
+        table.add_column(header)
+    for entry in entries:
+        outcome = "running" if entry.outcome is State.IN_PROGRESS else str(entry.outcome or "—")
+        took = None if entry.finished_at is None else entry.finished_at - entry.started_at
+        table.add_row(
+            str(entry.id),
+            entry.migration,
+            str(entry.kind),
+            str(entry.origin or "—"),
+            f"{entry.user or '?'}@{entry.host or '?'}",
+            _when(entry.started_at),
+            _duration(took),
+            f"[{_STATE_STYLE.get(str(entry.outcome), '')}]{outcome}[/]",
+            "—" if entry.exit_code is None else str(entry.exit_code),
+            _number(entry.processed),
+            _number(entry.changed),
+            _number(entry.skipped_errors),
         )
     return table
 
@@ -111,6 +155,24 @@ def status_details(report: Mapping[str, MigrationStatus]) -> list[str]:
             )
         elif status.runner is not None:
             lines.append(f"{name}: runner host {status.runner.host}, pid {status.runner.pid}")
+        if status.verified is not None:
+            found = status.verified
+            lines.append(
+                f"{name}: verified {_when(found.at)} UTC: {found.remaining:,} rows left, "
+                f"{found.raising:,} raising"
+            )
+        if status.revert is not None:
+            r = status.revert
+            lines.append(
+                f"{name}: revert {r.state}: {r.processed:,} of {r.total:,} logged changes gone "
+                f"through, {r.reverted:,} put back, {r.kept:,} kept (the app changed them)"
+            )
+        elif status.undo_rows:
+            lines.append(
+                f"{name}: undo log of {status.undo_rows:,} changes (`backfill revert {name}`)"
+            )
+        if status.allowed_at is not None:
+            lines.append(f"{name}: its prerequisite's wait ends {_when(status.allowed_at)} UTC")
         if status.error is not None:
             where = f"row {status.error.row_id!r}"
             if status.error.field:

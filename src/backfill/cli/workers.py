@@ -27,10 +27,12 @@ from backfill.cli.options import (
     events_file,
     events_option,
     global_options,
+    undo_option,
 )
 from backfill.decision import OnError
 from backfill.errors import DatabaseUnavailable
 from backfill.events import Listener
+from backfill.history import Origin
 from backfill.runner import Runner
 from backfill.state import State
 from backfill.worker import WorkResult
@@ -61,6 +63,7 @@ def worker_options(command: Callable[..., int]) -> Callable[..., int]:
             click.option(
                 "--python-only", is_flag=True, help="Ignore the migration's declared SQL."
             ),
+            undo_option,
         ]
     ):
         command = option(command)
@@ -75,12 +78,15 @@ class WorkOptions:
     on_error: str
     pause: float
     python_only: bool
+    undo: bool | None = None
 
     def arguments(self) -> list[str]:
-        """As options of `backfill worker`."""
+        """As options of `backfill worker` (and `run`)."""
         given = ["--on-error", self.on_error, "--pause", str(self.pause)]
         if self.batch_size is not None:
             given += ["--batch-size", str(self.batch_size)]
+        if self.undo is not None:
+            given.append("--undo" if self.undo else "--no-undo")
         return given + (["--python-only"] if self.python_only else [])
 
 
@@ -96,9 +102,10 @@ def work(
     quiet: bool,
     listeners: list[Listener],
     workers: int | None = None,
+    origin: Origin = Origin.WORKER,
 ) -> int:
     """Be a worker of each migration in turn (the `worker` command); the run's outcome."""
-    runner = g.runner()
+    runner = g.runner(origin=origin)
     code = 0
     for name in names:
         with render.RunProgress() as progress, _following(runner, name, progress, quiet):
@@ -114,6 +121,8 @@ def work(
                 workers=workers,
                 listeners=listeners,
                 sql=not options.python_only,
+                undo=options.undo,
+                prefer_undo=g.settings.is_production,
             )
         code = _report(result, g.json)
         if code:
@@ -205,6 +214,7 @@ def run_with_workers(
             quiet=g.json,
             listeners=listeners,
             workers=1,
+            origin=Origin.CLI,
         )
     code = 0
     for name in names:
@@ -217,6 +227,8 @@ def run_with_workers(
             force=force,
             sql=not options.python_only,
             listeners=listeners,
+            undo=options.undo,
+            prefer_undo=g.settings.is_production,
         )
         if ready is not None:
             code = _report(ready, g.json)
@@ -332,6 +344,7 @@ def worker_command(
     on_error: str,
     pause: float,
     python_only: bool,
+    undo: bool | None,
     wait: bool,
     min_age: timedelta | None,
     force: bool,
@@ -348,7 +361,7 @@ def worker_command(
         return work(
             g,
             names,
-            WorkOptions(batch_size, on_error, pause, python_only),
+            WorkOptions(batch_size, on_error, pause, python_only, undo),
             restart=restart,
             wait=wait,
             min_age=min_age,

@@ -16,8 +16,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from backfill.config import number_from_env, redact_url
+from backfill.config import number_from_env
 from backfill.errors import ConfigError, DatabaseUnavailable
+from backfill.redaction import redact_url
 from backfill.store.dialects import MYSQL, READ_ONLY
 from backfill.store.locks import SQLITE_BUSY_TIMEOUT_MS, sqlite_write_lock
 from backfill.store.tables import ensure_schema

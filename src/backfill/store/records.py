@@ -4,7 +4,6 @@ other writes (batches, heartbeats, a cancel request) through `update_live` and `
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +13,12 @@ import sqlalchemy as sa
 from backfill import state as machine
 from backfill.errors import LeaseHeld, LeaseLost, Refused
 from backfill.state import State
-from backfill.store import shards
-from backfill.store.database import driver
+from backfill.store import history, shards, skipped
+from backfill.store.database import Database, driver
 from backfill.store.dialects import LOCKING, insert_ignoring_conflicts
 from backfill.store.shards import ShardRecord
-from backfill.store.tables import migration_errors, migration_runs, migrations
-from backfill.types import Key, decode_key, encode_key, row_id
+from backfill.store.tables import migrations
+from backfill.types import Key, decode_key
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,27 @@ class Record:
     def __getitem__(self, column: str) -> Any:
         return self.values[column]
 
+    def totals(self) -> dict[str, int]:
+        """The migration's counters: its own and its plan's shards' (where they live)."""
+        summed = shards.sums(self.plan)
+        return {c: int(self.values[c] or 0) + summed[c] for c in shards.COUNTERS}
+
+    def revert_totals(self) -> dict[str, int]:
+        """A revert's counters, as the history counts a run's: log entries gone through, and
+        values put back."""
+        return {
+            "processed": int(self.values.get("revert_processed") or 0),
+            "changed": int(self.values.get("revert_reverted") or 0),
+            "skipped_errors": 0,
+        }
+
+    def last_seen(self) -> float | None:
+        """The last sign of life of its run: a heartbeat, a batch, a shard let go."""
+        moments = [self.values["heartbeat_at"], self.values["updated_at"]]
+        for shard in self.plan:
+            moments += [shard["heartbeat_at"], shard["released_at"]]
+        return max((m for m in moments if m is not None), default=None)
+
 
 def tables_exist(conn: sa.Connection) -> bool:
     return sa.inspect(conn).has_table(migrations.name)
@@ -69,6 +89,13 @@ def load_all(conn: sa.Connection) -> dict[str, Record]:
     # An older layout (read by status while an older backfill's run holds it) has no plans.
     plans = shards.load_all(conn) if sa.inspect(conn).has_table(shards.shards.name) else {}
     return {row["name"]: Record(dict(row), plans.get(row["name"], ())) for row in rows}
+
+
+def has_plan_to_finish(db: Database, name: str) -> bool:
+    """Whether the migration's run has a plan (workers) and has not succeeded."""
+    with db.read() as conn:
+        record = load(conn, name)
+    return record is not None and bool(record.plan) and record.state is not State.SUCCESS
 
 
 def lock(conn: sa.Connection, name: str) -> None:
@@ -111,8 +138,12 @@ def transition(
     held (`at_generation`) and on the stored states the table allows: a process overtaken since
     it read the row writes nothing. On a miss (its transaction should roll back): LeaseLost for
     the runner that held the migration (`source` inProgress), else LeaseHeld naming the runner
-    that got there first, or Refused when a reset did."""
+    that got there first, or Refused when a reset did.
+
+    The history follows in the same transaction: a run found dead (`source` interrupted) is
+    closed as interrupted, and a run that ends is closed with its outcome and exit code."""
     machine.check(source, target)
+    dead = load(conn, name) if source is State.INTERRUPTED else None
     allowed = sorted(str(s) for s in stored_sources(target))
     statement = (
         sa.update(migrations)
@@ -122,6 +153,7 @@ def transition(
         .values(state=str(target), **values)
     )
     if conn.execute(statement).rowcount == 1:
+        _close_history(conn, name, dead, source, target, values)
         return
     if source is State.IN_PROGRESS:
         raise LeaseLost(name)
@@ -135,17 +167,74 @@ def transition(
     )
 
 
-def update_live(conn: sa.Connection, name: str, generation: int, **values: Any) -> bool:
-    """A write to the live run holding `generation` (a heartbeat, a cancel request), never to
-    its state: False when no run at that generation is in progress any more."""
+def _close_history(
+    conn: sa.Connection,
+    name: str,
+    dead: Record | None,
+    source: State,
+    target: State,
+    values: dict[str, Any],
+) -> None:
+    if dead is not None and dead["run_id"] is not None:
+        history.close(
+            conn,
+            dead["run_id"],
+            outcome=State.INTERRUPTED,
+            at=dead.last_seen(),
+            totals=dead.totals(),
+        )
+    if source is State.IN_PROGRESS and target in machine.ENDS:
+        ended = load(conn, name)
+        assert ended is not None
+        history.close(
+            conn,
+            ended["run_id"],
+            outcome=target,
+            at=values.get("finished_at"),
+            totals=ended.totals(),
+            row_at_fault=values.get("error_row_id") is not None,
+        )
+
+
+def forget(conn: sa.Connection, record: Record, source: State, now: float, **values: Any) -> None:
+    """Make the migration `pending` from `source` (observed), forgetting its progress, its
+    skipped rows and its plan (a reset, the end of a revert, a restore); `values` to write
+    besides."""
+    name = record["name"]
+    transition(
+        conn,
+        name,
+        at_generation=record.generation,
+        source=source,
+        target=State.PENDING,
+        **forgotten_progress(now),
+        **values,
+    )
+    skipped.forget(conn, name)
+    shards.forget(conn, name)
+
+
+def update_live(
+    conn: sa.Connection,
+    name: str,
+    generation: int,
+    *,
+    state: State = State.IN_PROGRESS,
+    **values: Any,
+) -> bool:
+    """A write to the live run holding `generation` (a heartbeat, a cancel request, a revert's
+    progress), never to its state: False when no run at that generation is in `state` (a
+    revert: `reverting`, its own state inProgress) any more."""
     assert "state" not in values, "state changes go through transition()"
     statement = (
         sa.update(migrations)
         .where(migrations.c.name == name)
         .where(migrations.c.generation == generation)
-        .where(migrations.c.state == str(State.IN_PROGRESS))
+        .where(migrations.c.state == str(state))
         .values(**values)
     )
+    if state is State.REVERTING:
+        statement = statement.where(migrations.c.revert_state == str(State.IN_PROGRESS))
     return conn.execute(statement).rowcount == 1
 
 
@@ -173,18 +262,6 @@ def forgotten_progress(now: float) -> dict[str, Any]:
         "error_row_id": None,
         "error_field": None,
     }
-
-
-def start_run(conn: sa.Connection, name: str, now: float, host: str, pid: int) -> int:
-    """A new row in `_migration_runs`; its id is the run's number."""
-    inserted = conn.execute(
-        sa.insert(migration_runs).values(
-            migration=name, started_at=now, runner_host=host, runner_pid=pid
-        )
-    )
-    key = inserted.inserted_primary_key
-    assert key is not None
-    return int(key[0])
 
 
 class Ledger:
@@ -267,52 +344,17 @@ def _driver_one(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> Any:
         raw.close()
 
 
-def record_skipped(
-    conn: sa.Connection, name: str, skipped: list[tuple[Key, str | None, str, str]], now: float
+def record_verified(
+    conn: sa.Connection, name: str, at: float, remaining: int, raising: int
 ) -> None:
-    """Remember rows skipped under --on-error skip (replacing an older entry for the same row)."""
-    if not skipped:
-        return
-    ids = [encode_key(key) for key, *_ in skipped]
-    conn.execute(
-        sa.delete(migration_errors).where(
-            migration_errors.c.migration == name, migration_errors.c.row_id.in_(ids)
-        )
-    )
-    conn.execute(
-        sa.insert(migration_errors),
-        [
-            {
-                "migration": name,
-                "row_id": encoded,
-                "field": field,
-                "error_type": kind,
-                "message": message,
-                "at": now,
-            }
-            for encoded, (_key, field, kind, message) in zip(ids, skipped, strict=True)
-        ],
-    )
+    """What `verify` found, on the migration's row (created `pending` if it has none). Not a
+    state: it is written whatever the state, and a run in progress keeps it."""
+    ensure_record(conn, name)
+    annotate(conn, name, verified_at=at, verified_remaining=remaining, verified_raising=raising)
 
 
-def forget_skipped(conn: sa.Connection, name: str) -> None:
-    conn.execute(sa.delete(migration_errors).where(migration_errors.c.migration == name))
-
-
-def skipped_rows(conn: sa.Connection, name: str, limit: int = 20) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        sa.select(migration_errors)
-        .where(migration_errors.c.migration == name)
-        .order_by(migration_errors.c.id)
-        .limit(limit)
-    ).mappings()
-    return [
-        {
-            "row_id": row_id(tuple(json.loads(r["row_id"]))),
-            "field": r["field"],
-            "type": r["error_type"],
-            "message": r["message"],
-            "at": r["at"],
-        }
-        for r in rows
-    ]
+def annotate(conn: sa.Connection, name: str, **values: Any) -> None:
+    """A write to the migration's row that is neither its state nor a live run's progress
+    (what verify found; that the undo log no longer covers its run)."""
+    assert "state" not in values, "state changes go through transition()"
+    conn.execute(sa.update(migrations).where(migrations.c.name == name).values(**values))

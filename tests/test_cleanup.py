@@ -238,7 +238,9 @@ def test_cli_force_in_prod_without_a_terminal_is_refused(seeded, runner, cli):
     db = seeded(50)
     before = raw_messages(db)
     for extra in ((), ("--yes",)):
-        refused = cli("run", "cleanup_legacy_fields", "--force", "--prod", *extra)
+        refused = cli(
+            "run", "cleanup_legacy_fields", "--force", "--prod", "--no-backup-check", *extra
+        )
         assert refused.returncode == 2, refused.stderr
         _one_sentence(refused.stderr)
     # With --yes the run itself is confirmed, but --force still wants the environment typed.

@@ -80,6 +80,11 @@ def test_arguments_are_stored_with_every_password_hidden() -> None:
     assert shown[:2] == ["run", "x"] and shown[3] == redact_url(url)
     assert shown[4] == f"--database-url={redact_url(url)}" and shown[5] == "--note=***"
     assert scrub("FATAL: password hunter2 rejected", url) == "FATAL: password *** rejected"
+    # A URL SQLAlchemy cannot parse (its port is not a number) is scrubbed all the same.
+    odd = "postgresql+psycopg://u:hunter2@127.0.0.1:notaport/db"
+    shown_odd = redact_arguments(["--database-url", odd], odd)
+    assert shown_odd == ["--database-url", "<unparseable database URL>"]
+    assert scrub(f"bad {odd}", odd) == "bad postgresql+psycopg://u:***@127.0.0.1:notaport/db"
 
 
 def test_load_app_errors_name_what_is_wrong() -> None:

@@ -98,6 +98,16 @@ def test_a_dialect_sqlalchemy_does_not_know_is_one_sentence() -> None:
     assert "secret" not in str(raised.value)
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg://u:secret@h:notaport/x", "nonsense"])
+def test_a_url_sqlalchemy_cannot_parse_is_one_sentence_without_its_password(cli, url: str) -> None:
+    with pytest.raises(ConfigError, match="is not a valid SQLAlchemy URL") as raised:
+        Database(url)
+    assert "secret" not in str(raised.value)
+    done = cli("status", url=url)
+    assert done.returncode == 2 and "secret" not in done.stderr + done.stdout
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     "variable",
     [

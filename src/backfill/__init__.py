@@ -1,5 +1,6 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
+from backfill.backups import RestoreResult
 from backfill.decision import OnError, Sample
 from backfill.definition import (
     DELETE,
@@ -35,6 +36,7 @@ from backfill.revert import RevertResult
 from backfill.run import RunResult
 from backfill.runner import Runner
 from backfill.state import ShardState, State
+from backfill.store.backup import BackupInfo
 from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
 from backfill.types import Identity
@@ -43,6 +45,7 @@ from backfill.worker import StepResult, WorkResult
 
 __all__ = [
     "BackfillError",
+    "BackupInfo",
     "BadValue",
     "BeingReverted",
     "ConfigError",
@@ -69,6 +72,7 @@ __all__ = [
     "Origin",
     "Prerequisite",
     "Refused",
+    "RestoreResult",
     "RetriesExhausted",
     "RetryPolicy",
     "RevertResult",

@@ -14,7 +14,7 @@ def redact_url(url: str | sa.URL) -> str:
     """The URL with its password hidden, safe to print."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # (a port that is not a number: ValueError)
         return "<unparseable database URL>"
 
 
@@ -23,8 +23,8 @@ def password_of(url: str | sa.URL | None) -> str | None:
         return None
     try:
         password = sa.make_url(url).password
-    except sa.exc.ArgumentError:
-        return None
+    except (sa.exc.ArgumentError, ValueError):
+        return _typed_password(str(url))
     return None if not password else str(password)
 
 
@@ -47,3 +47,11 @@ def redact_arguments(arguments: Sequence[str], url: str | sa.URL | None = None) 
             argument = redact_url(argument)
         shown.append(scrub(argument, url))
     return shown
+
+
+def _typed_password(url: str) -> str | None:
+    """The password of a URL SQLAlchemy cannot parse, as typed (`scheme://user:PW@host...`)."""
+    _, found, rest = url.partition("://")
+    credentials, at, _ = rest.rpartition("@")
+    _, colon, password = credentials.partition(":")
+    return password if found and at and colon and password else None

@@ -228,8 +228,9 @@ class Runner(PlanVerbs):
         return found
 
     def count(self, name: str) -> Verification:
-        """How many rows the migration would still change (the same scan as verify)."""
-        return self.verify(name)
+        """How many rows the migration would still change (the same scan as verify, read-only:
+        nothing recorded)."""
+        return self.verify(name, record=False)
 
     # -- running ------------------------------------------------------------------------------
 

@@ -108,17 +108,19 @@ def test_steps_share_one_row_and_passwords_never_reach_it(h, tmp_path):
         h.execute(f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'")
         url = url.set(username=user, password="s3cret-pw")
     shown = url.render_as_string(hide_password=False)
-    runner = Runner(shown, counting.migrations)
-    while not runner.step(NAME, budget_seconds=0.05, batch_size=50).done:
-        pass
-    runner.db.dispose()
-    done = h.cli("run", NAME, "--restart", "--database-url", shown, "--batch-size", "100")
-    assert done.returncode == 0, done.stderr
-    text = h.cli("history", "--json", "--database-url", shown).stdout
+    try:
+        runner = Runner(shown, counting.migrations)
+        while not runner.step(NAME, budget_seconds=0.05, batch_size=50).done:
+            pass
+        runner.db.dispose()
+        done = h.cli("run", NAME, "--restart", "--database-url", shown, "--batch-size", "100")
+        assert done.returncode == 0, done.stderr
+        text = h.cli("history", "--json", "--database-url", shown).stdout
+    finally:
+        if h.mysql:
+            h.execute(f"DROP USER '{url.username}'@'%'")
     assert "s3cret-pw" not in text
     [again, steps] = json.loads(text)["runs"]
     assert (steps["origin"], steps["outcome"], steps["processed"]) == ("step", "success", 300)
     assert (again["origin"], again["outcome"], again["processed"]) == ("cli", "success", 300)
     assert "--restart" in again["arguments"]
-    if h.mysql:
-        h.execute(f"DROP USER '{url.username}'@'%'")

@@ -64,6 +64,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fail(error: Exception, code: int, message: str | None = None) -> int:
     if current().debug:
-        traceback.print_exception(error)
+        sys.stderr.write(_scrub("".join(traceback.format_exception(error))))
     sys.stderr.write(f"backfill: {_scrub(message or str(error))}\n")
     return code

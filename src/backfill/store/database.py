@@ -40,7 +40,13 @@ def application_name(pid: int | None = None) -> str:
 
 
 def _create_engine(url: str | sa.URL) -> sa.Engine:
-    url = sa.make_url(url)
+    try:
+        url = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as error:
+        raise ConfigError(
+            f"the database URL {redact_url(url)} is not a valid SQLAlchemy URL "
+            "(dialect+driver://user:password@host:port/database)"
+        ) from error
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":

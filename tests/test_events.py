@@ -21,7 +21,7 @@ from backfill.events import (
     RunStarted,
     StateChanged,
 )
-from support import backfill_command, cli_env
+from support import backfill_command, cli_env, counting_url
 
 NAME = counting.NAME
 ROWS = 250
@@ -31,11 +31,7 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 @pytest.fixture
 def url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'events.db'}"
-    engine = sa.create_engine(url)
-    counting.create_items(engine, ROWS)
-    engine.dispose()
-    return url
+    return counting_url(tmp_path, "events.db", ROWS)
 
 
 def run(url: str, **options: object) -> tuple[list[Event], object]:

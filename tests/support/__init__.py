@@ -73,3 +73,14 @@ def after_each_batch(callback: Callable[[BatchCommitted], Any]) -> Callable[[Eve
             callback(event)
 
     return listener
+
+
+def counting_url(directory: Path, name: str, rows: int) -> str:
+    """A SQLite database in `directory` holding the counting app's `items`, `rows` of them."""
+    from apps import counting
+
+    url = f"sqlite:///{directory / name}"
+    engine = sa.create_engine(url)
+    counting.create_items(engine, rows)
+    engine.dispose()
+    return url

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from backfill.cli.backup import backup_command, restore_command
 from backfill.cli.commands import cli
 from backfill.cli.history import history_command
+from backfill.cli.metrics import metrics_command
 from backfill.cli.options import current, forget
 from backfill.cli.render import err
 from backfill.cli.revert import forget_undo_command, revert_command
@@ -25,6 +26,7 @@ for command in (
     forget_undo_command,
     backup_command,
     restore_command,
+    metrics_command,
 ):
     cli.add_command(command)
 

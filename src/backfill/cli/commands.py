@@ -16,11 +16,10 @@ from backfill.cli.options import (
     ask_before_running,
     confirm,
     current,
-    events_file,
-    events_option,
     global_options,
     undo_option,
 )
+from backfill.cli.outputs import Asked, output_options, outputs
 from backfill.cli.workers import WorkOptions, run_with_workers, worker_command
 from backfill.decision import OnError
 from backfill.errors import Refused, RowFailed
@@ -122,7 +121,7 @@ def status(names: tuple[str, ...], watch: bool, interval: float, shards: bool) -
     type=click.Path(dir_okay=False),
     help="With --detach: where the run logs (default ./backfill-logs/NAME-TIME.log).",
 )
-@events_option
+@output_options
 @global_options
 def run(
     names: tuple[str, ...],
@@ -142,6 +141,9 @@ def run(
     detach: bool,
     log: str | None,
     events: str | None,
+    log_format: str | None,
+    log_file: str | None,
+    metrics_port: int | None,
 ) -> int:
     """Run the named migrations one after another, each resuming from its cursor."""
     g = current()
@@ -164,11 +166,15 @@ def run(
                 if cannot is not None:
                     render.err.print(f"{name}: runs without an undo log: {cannot}")
     work = WorkOptions(batch_size, on_error, pause, python_only, undo)
+    asked = Asked(events, log_format, log_file, metrics_port)
     if detach:
-        options = detached.RunArguments(work, restart, min_age, force, workers, events)
+        options = detached.RunArguments(
+            work, restart, min_age, force, workers, events, log_format, log_file, metrics_port
+        )
         return detached.start(g, names, options, log)
-    if workers is not None and not dry_run:
-        with events_file(events) as written:
+    plan = workers is not None and not dry_run
+    with outputs(runner, names, asked, children=plan) as out:
+        if workers is not None and plan:
             return run_with_workers(
                 g,
                 names,
@@ -178,26 +184,27 @@ def run(
                 min_age=min_age,
                 force=force,
                 events=events,
-                listeners=[*written, *claimed],
+                listeners=[*out.listeners, *claimed],
+                besides=(out.env, out.passed),
             )
-    started = time.monotonic()
-    with render.RunProgress() as progress, events_file(events) as written:
-        results = runner.run(
-            names,
-            batch_size=batch_size,
-            dry_run=dry_run,
-            dry_run_batches=dry_run_batches,
-            restart=restart,
-            on_error=OnError(on_error),
-            min_age=min_age,
-            force=force,
-            pause=pause,
-            sql=not python_only,
-            undo=undo,
-            prefer_undo=settings.is_production,
-            listeners=[*written, *claimed, *([] if g.json else [progress])],
-        )
-    _report(results, g.json, started)
+        started = time.monotonic()
+        with render.RunProgress() as progress:
+            results = runner.run(
+                names,
+                batch_size=batch_size,
+                dry_run=dry_run,
+                dry_run_batches=dry_run_batches,
+                restart=restart,
+                on_error=OnError(on_error),
+                min_age=min_age,
+                force=force,
+                pause=pause,
+                sql=not python_only,
+                undo=undo,
+                prefer_undo=settings.is_production,
+                listeners=[*out.listeners, *claimed, *([] if g.json else [progress])],
+            )
+        _report(results, g.json, started)
     return _exit_code(results)
 
 
@@ -330,9 +337,17 @@ def reset(name: str, yes: bool) -> None:
 )
 @click.option("--seed-only", is_flag=True, help="Create the messages, do not migrate.")
 @click.option("--yes", is_flag=True, help="Replace an existing messages table without asking.")
-@events_option
+@output_options
 @global_options
-def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
+def demo(
+    count_: int,
+    seed_only: bool,
+    yes: bool,
+    events: str | None,
+    log_format: str | None,
+    log_file: str | None,
+    metrics_port: int | None,
+) -> int:
     """Create realistic legacy chat messages, then migrate them with a progress bar."""
     from chat_migrations import migrations
     from chat_migrations.generator import seed_messages
@@ -360,11 +375,13 @@ def demo(count_: int, seed_only: bool, yes: bool, events: str | None) -> int:
     render.err.print(f"Created {count_:,} legacy messages in {runner.db.display_url}")
     if seed_only:
         return 0
-    started = time.monotonic()
-    with render.RunProgress() as progress, events_file(events) as written:
-        results = runner.run(["body_to_parts"], listeners=[*written, progress])
-    _report(results, False, started)
-    render.out.print(render.status_table(runner.status()))
+    asked = Asked(events, log_format, log_file, metrics_port)
+    with outputs(runner, ["body_to_parts"], asked) as out:
+        started = time.monotonic()
+        with render.RunProgress() as progress:
+            results = runner.run(["body_to_parts"], listeners=[*out.listeners, progress])
+        _report(results, False, started)
+        render.out.print(render.status_table(runner.status()))
     return _exit_code(results)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from backfill.cli import render
+from backfill.cli.observe import passed_on
 from backfill.cli.options import Globals, current, global_options
 from backfill.cli.workers import WorkOptions
 from backfill.errors import DatabaseUnavailable, Refused
@@ -97,6 +98,9 @@ class RunArguments:
     force: bool
     workers: int | None
     events: str | None
+    log_format: str | None = None
+    log_file: str | None = None
+    metrics_port: int | None = None
 
     def arguments(self) -> list[str]:
         """As options of `backfill run` (never `--detach`; the questions were asked: `--yes`)."""
@@ -107,6 +111,9 @@ class RunArguments:
             given += ["--workers", str(self.workers)]
         if self.events is not None:  # the child's directory is this one, but say it plainly
             given += ["--events", os.path.abspath(self.events)]
+        given += passed_on(self.log_format, self.log_file)
+        if self.metrics_port is not None:  # the background run serves its metrics
+            given += ["--metrics-port", str(self.metrics_port)]
         flags = [("--restart", self.restart), ("--force", self.force)]
         return given + [flag for flag, on in flags if on]
 

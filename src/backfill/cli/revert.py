@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from backfill.cli import render
-from backfill.cli.options import confirm, current, events_file, events_option, global_options
+from backfill.cli.options import confirm, current, global_options
+from backfill.cli.outputs import Asked, output_options, outputs
 from backfill.revert import RevertResult
 from backfill.state import State
 
@@ -17,9 +18,17 @@ from backfill.state import State
     "--batch-size", type=click.IntRange(min=1), help="Log entries put back per transaction."
 )
 @click.option("--yes", is_flag=True, help="Do not ask.")
-@events_option
+@output_options
 @global_options
-def revert_command(name: str, batch_size: int | None, yes: bool, events: str | None) -> int:
+def revert_command(
+    name: str,
+    batch_size: int | None,
+    yes: bool,
+    events: str | None,
+    log_format: str | None,
+    log_file: str | None,
+    metrics_port: int | None,
+) -> int:
     """Put back, newest first, what the migration's runs with --undo changed."""
     g = current()
     runner = g.runner()
@@ -30,11 +39,12 @@ def revert_command(name: str, batch_size: int | None, yes: bool, events: str | N
         yes,
         "revert needs confirmation: pass --yes or run from a terminal",
     )
-    with render.RunProgress() as progress, events_file(events) as written:
-        result = runner.revert(
-            name, batch_size=batch_size, listeners=[*written, *([] if g.json else [progress])]
-        )
-    _report(result, g.json)
+    asked = Asked(events, log_format, log_file, metrics_port)
+    with outputs(runner, [name], asked) as out:
+        with render.RunProgress() as progress:
+            shown = [] if g.json else [progress]
+            result = runner.revert(name, batch_size=batch_size, listeners=[*out.listeners, *shown])
+        _report(result, g.json)
     return result.exit_code
 
 

@@ -24,11 +24,10 @@ from backfill.cli.options import (
     Globals,
     confirm_production,
     current,
-    events_file,
-    events_option,
     global_options,
     undo_option,
 )
+from backfill.cli.outputs import Asked, output_options, outputs
 from backfill.decision import OnError
 from backfill.errors import DatabaseUnavailable
 from backfill.events import Listener
@@ -193,10 +192,11 @@ def run_with_workers(
     force: bool,
     events: str | None,
     listeners: list[Listener],
+    besides: tuple[dict[str, str], list[str]] = ({}, []),
 ) -> int:
     """`run NAME --workers N`: start or resume each run here (gates, confirmation, `--restart`
-    and refusals come back at once), then N `backfill worker` processes join it; exits with its
-    outcome."""
+    and refusals come back at once), then N `backfill worker` processes join it, with the
+    environment and options `besides` (metrics, logs); exits with its outcome."""
     runner = g.runner()
     if runner.db.dialect == "sqlite":
         render.err.print(
@@ -233,7 +233,7 @@ def run_with_workers(
         if ready is not None:
             code = _report(ready, g.json)
         else:
-            code = _follow_workers(g, runner, name, workers, options, events)
+            code = _follow_workers(g, runner, name, workers, options, events, besides)
         if code:
             break
     return code
@@ -246,11 +246,13 @@ def _follow_workers(
     workers: int,
     options: WorkOptions,
     events: str | None,
+    besides: tuple[dict[str, str], list[str]],
 ) -> int:
     settings = g.settings
+    env_besides, passed = besides
     # They join the run begun here (never with --restart: it would refuse the run they join).
     command = [sys.executable, "-m", "backfill", "worker", name, "--yes", "--quiet"]
-    command += options.arguments()
+    command += [*options.arguments(), *passed]
     if events is not None:
         command += ["--events", os.path.abspath(events)]
     # The URL goes by the environment, never on a command line others can read (ps).
@@ -259,6 +261,7 @@ def _follow_workers(
         BACKFILL_DATABASE_URL=settings.database_url,
         BACKFILL_ENV=settings.environment,
         BACKFILL_APP=settings.required_app(),
+        **env_besides,
     )
     children = [
         subprocess.Popen(
@@ -335,7 +338,7 @@ def _cancel_on_signal(runner: Runner, name: str) -> Iterator[None]:
 @click.option("--force", is_flag=True, help="Skip the prerequisite gate when starting the run.")
 @click.option("--yes", is_flag=True, help="Do not ask before starting a run in prod.")
 @click.option("--quiet", is_flag=True, hidden=True, help="No progress (run --workers' children).")
-@events_option
+@output_options
 @global_options
 def worker_command(
     names: tuple[str, ...],
@@ -351,13 +354,17 @@ def worker_command(
     yes: bool,
     quiet: bool,
     events: str | None,
+    log_format: str | None,
+    log_file: str | None,
+    metrics_port: int | None,
 ) -> int:
     """Work the named migrations' runs from any machine: start, resume or join each one."""
     g = current()
     for name in names:
         g.runner().migrations[name]  # unknown names are refused before anything runs
     confirm_production(g, names, yes)
-    with events_file(events) as written:
+    asked = Asked(events, log_format, log_file, metrics_port)
+    with outputs(g.runner(), names, asked) as out:
         return work(
             g,
             names,
@@ -367,5 +374,5 @@ def worker_command(
             min_age=min_age,
             force=force,
             quiet=quiet or g.json,
-            listeners=written,
+            listeners=out.listeners,
         )

@@ -283,3 +283,20 @@ def test_forget_undo_closes_a_dead_reverts_history_row(database_url, engine, ite
     [closed] = [e for e in runner.history(NAME) if e.kind == "revert"]
     assert closed.finished_at is not None and (closed.processed, closed.changed) == (80, 80)
     runner.db.dispose()
+
+
+def test_a_revert_going_on_is_seen_going_on_in_the_history(database_url, engine, items):
+    runner = counting_runner(database_url)
+    runner.run([NAME], undo=True, batch_size=50)
+    seen = []
+
+    def look(event: Event) -> None:
+        if isinstance(event, BatchCommitted) and not seen:
+            seen.append(runner.run_entry(NAME))
+
+    runner.listeners.append(look)
+    runner.revert(NAME, batch_size=100)
+    [entry] = seen
+    assert entry is not None and (entry.kind, entry.outcome) == ("revert", State.IN_PROGRESS)
+    assert entry.processed == 100 and entry.to_json()["outcome"] is None
+    runner.db.dispose()

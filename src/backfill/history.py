@@ -131,11 +131,11 @@ def entry(
     row: Mapping[str, Any],
     *,
     current_run: int | None,
-    observed: State,
+    held: bool,
     totals: Mapping[str, int],
 ) -> HistoryEntry:
     """One stored history row as people see it. A run that has not ended is `inProgress` while
-    it is its migration's current run (`current_run`) and that is `observed` in progress, with
+    it is its migration's current run (`current_run`) and a live run or revert `held` it, with
     its counters so far (the migration's `totals` now, less those when it began); otherwise its
     runner died: `interrupted`. Rows written before the history existed say only what they
     stored then."""
@@ -144,7 +144,7 @@ def entry(
     counters: dict[str, int | None] = {c: row[c] for c in COUNTERS}
     recorded = row["origin"] is not None
     if recorded and outcome is None and kind in RUNNING_KINDS:
-        live = current_run == row["id"] and observed is State.IN_PROGRESS
+        live = current_run == row["id"] and held
         if current_run == row["id"]:
             before = [row["processed_before"], row["changed_before"], row["skipped_before"]]
             counters = {

@@ -204,13 +204,13 @@ class Runner(PlanVerbs):
         if name is not None:
             self.migrations[name]
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            return history_rows.entries(conn, name, limit, self._observed)
+            return history_rows.entries(conn, name, limit, self._setting().held)
 
     def run_entry(self, name: str) -> HistoryEntry | None:
         """The history row of `name`'s run in progress, or of its latest; None before any."""
         self.migrations[name]
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            return history_rows.latest(conn, name, self._observed)
+            return history_rows.latest(conn, name, self._setting().held)
 
     # -- read-only scans ----------------------------------------------------------------------
 

@@ -29,6 +29,12 @@ class Setting:
         """The state as people see it now (lease.observed_state)."""
         return leases.observed_state(record, self.clock(), self.lease_seconds, self.me)
 
+    def held(self, record: Record | None) -> bool:
+        """Whether a live run, or a live revert, holds the migration now."""
+        return self.observed(record) is State.IN_PROGRESS or leases.reverting_live(
+            record, self.seen()
+        )
+
     def seen(self) -> Liveness:
         """Who is alive, as seen from here now."""
         return Liveness(self.clock(), self.lease_seconds, self.me)

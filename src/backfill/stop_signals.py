@@ -1,11 +1,27 @@
-"""SIGINT and SIGTERM, while a run goes on, become a request to stop after the current batch."""
+"""SIGINT and SIGTERM, while a run goes on, become a request to stop after the current batch
+(`StopSignals`); `handled` gives them to any handler for a while (the CLI's long commands)."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+Handler = Callable[[int, FrameType | None], None]
+
+
+@contextmanager
+def handled(handler: Handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` in the block; the handlers before come back after."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 class StopSignals:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from backfill.cli.backup import backup_command, restore_command
 from backfill.cli.commands import cli
+from backfill.cli.dashboard import dashboard_command
 from backfill.cli.history import history_command
 from backfill.cli.metrics import metrics_command
 from backfill.cli.options import current, forget
@@ -27,6 +28,7 @@ for command in (
     backup_command,
     restore_command,
     metrics_command,
+    dashboard_command,
 ):
     cli.add_command(command)
 

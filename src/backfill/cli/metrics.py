@@ -4,7 +4,6 @@ Which series come from where is backfill.metrics's."""
 
 from __future__ import annotations
 
-import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from backfill.cli.options import current, global_options
 from backfill.events import Listener
 from backfill.progress import MigrationStatus
 from backfill.runner import Runner
+from backfill.stop_signals import handled
 
 metrics_option = click.option(
     "--metrics-port",
@@ -99,10 +99,6 @@ def _until_interrupted() -> None:
     def handle(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handled(handle):
         while not stop.wait(0.5):
             pass
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from backfill import config
+from backfill.dashboard.origin import origin_from_env
 from backfill.errors import ConfigError, Refused
 from backfill.events import JsonLines, Listener
 from backfill.history import Invocation, Origin
@@ -127,6 +128,8 @@ class Globals:
         if migrations is None:
             migrations = self.migrations()
         settings = self.settings
+        if origin is Origin.CLI:  # a run the dashboard started says so (BACKFILL_ORIGIN)
+            origin = origin_from_env(origin)
         invocation = Invocation(
             origin=origin,
             arguments=tuple(redact_arguments(_arguments, settings.database_url)),

@@ -5,7 +5,6 @@ machine, follows them and exits with the run's outcome."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from backfill.events import Listener
 from backfill.history import Origin
 from backfill.runner import Runner
 from backfill.state import State
+from backfill.stop_signals import handled
 from backfill.worker import WorkResult
 
 # How often a command that follows workers reads their progress from the database.
@@ -322,12 +322,8 @@ def _cancel_on_signal(runner: Runner, name: str) -> Iterator[None]:
             asked.set()
             threading.Thread(target=runner.cancel, args=(name,), daemon=True).start()
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handled(handle):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @click.command(name="worker")

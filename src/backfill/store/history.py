@@ -145,21 +145,19 @@ def one(conn: sa.Connection, run_id: int) -> dict[str, Any] | None:
     return None if row is None else dict(row)
 
 
-# How a stored migration is seen now (lease.observed_state, bound to a clock and host).
-Observed = Callable[["records.Record | None"], State]
+# Whether a live run (or revert) holds the stored migration now, as seen from here.
+Held = Callable[["records.Record | None"], bool]
 
 
-def entries(
-    conn: sa.Connection, name: str | None, limit: int, observed: Observed
-) -> list[HistoryEntry]:
+def entries(conn: sa.Connection, name: str | None, limit: int, held: Held) -> list[HistoryEntry]:
     """The history as people see it (runs whose runner died: interrupted), newest first."""
     if not records.tables_exist(conn) or not written(conn):
         return []
     stored = records.load_all(conn)
-    return [_seen(row, stored.get(row["migration"]), observed) for row in read(conn, name, limit)]
+    return [_seen(row, stored.get(row["migration"]), held) for row in read(conn, name, limit)]
 
 
-def latest(conn: sa.Connection, name: str, observed: Observed) -> HistoryEntry | None:
+def latest(conn: sa.Connection, name: str, held: Held) -> HistoryEntry | None:
     """The entry of `name`'s run in progress, or of its latest run; None before any."""
     if not records.tables_exist(conn) or not written(conn):
         return None
@@ -167,16 +165,16 @@ def latest(conn: sa.Connection, name: str, observed: Observed) -> HistoryEntry |
     if record is None or record["run_id"] is None:
         return None
     row = one(conn, record["run_id"])
-    return None if row is None else _seen(row, record, observed)
+    return None if row is None else _seen(row, record, held)
 
 
-def _seen(row: dict[str, Any], record: records.Record | None, observed: Observed) -> HistoryEntry:
+def _seen(row: dict[str, Any], record: records.Record | None, held: Held) -> HistoryEntry:
     totals: dict[str, int] = {}
     if record is not None:
         totals = record.revert_totals() if row["kind"] == Kind.REVERT else record.totals()
     return entry(
         row,
         current_run=None if record is None else record["run_id"],
-        observed=observed(record),
+        held=held(record),
         totals=totals,
     )

@@ -140,10 +140,7 @@ def run(
     no_backup_check: bool,
     detach: bool,
     log: str | None,
-    events: str | None,
-    log_format: str | None,
-    log_file: str | None,
-    metrics_port: int | None,
+    asked: Asked,
 ) -> int:
     """Run the named migrations one after another, each resuming from its cursor."""
     g = current()
@@ -166,11 +163,8 @@ def run(
                 if cannot is not None:
                     render.err.print(f"{name}: runs without an undo log: {cannot}")
     work = WorkOptions(batch_size, on_error, pause, python_only, undo)
-    asked = Asked(events, log_format, log_file, metrics_port)
     if detach:
-        options = detached.RunArguments(
-            work, restart, min_age, force, workers, events, log_format, log_file, metrics_port
-        )
+        options = detached.RunArguments(work, restart, min_age, force, workers, asked)
         return detached.start(g, names, options, log)
     plan = workers is not None and not dry_run
     with outputs(runner, names, asked, children=plan) as out:
@@ -183,7 +177,7 @@ def run(
                 restart=restart,
                 min_age=min_age,
                 force=force,
-                events=events,
+                events=asked.events,
                 listeners=[*out.listeners, *claimed],
                 besides=(out.env, out.passed),
             )
@@ -343,10 +337,7 @@ def demo(
     count_: int,
     seed_only: bool,
     yes: bool,
-    events: str | None,
-    log_format: str | None,
-    log_file: str | None,
-    metrics_port: int | None,
+    asked: Asked,
 ) -> int:
     """Create realistic legacy chat messages, then migrate them with a progress bar."""
     from chat_migrations import migrations
@@ -375,7 +366,6 @@ def demo(
     render.err.print(f"Created {count_:,} legacy messages in {runner.db.display_url}")
     if seed_only:
         return 0
-    asked = Asked(events, log_format, log_file, metrics_port)
     with outputs(runner, ["body_to_parts"], asked) as out:
         started = time.monotonic()
         with render.RunProgress() as progress:

@@ -23,8 +23,8 @@ from pathlib import Path
 import click
 
 from backfill.cli import render
-from backfill.cli.observe import passed_on
 from backfill.cli.options import Globals, current, global_options
+from backfill.cli.outputs import Asked
 from backfill.cli.workers import WorkOptions
 from backfill.errors import DatabaseUnavailable, Refused
 from backfill.events import Event, RunStarted
@@ -97,10 +97,7 @@ class RunArguments:
     min_age: timedelta | None
     force: bool
     workers: int | None
-    events: str | None
-    log_format: str | None = None
-    log_file: str | None = None
-    metrics_port: int | None = None
+    outputs: Asked
 
     def arguments(self) -> list[str]:
         """As options of `backfill run` (never `--detach`; the questions were asked: `--yes`)."""
@@ -109,11 +106,7 @@ class RunArguments:
             given += ["--min-age", f"{self.min_age.total_seconds()}s"]
         if self.workers is not None:
             given += ["--workers", str(self.workers)]
-        if self.events is not None:  # the child's directory is this one, but say it plainly
-            given += ["--events", os.path.abspath(self.events)]
-        given += passed_on(self.log_format, self.log_file)
-        if self.metrics_port is not None:  # the background run serves its metrics
-            given += ["--metrics-port", str(self.metrics_port)]
+        given += self.outputs.arguments()
         flags = [("--restart", self.restart), ("--force", self.force)]
         return given + [flag for flag, on in flags if on]
 

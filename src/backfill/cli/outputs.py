@@ -4,10 +4,12 @@ when their environment asks for them; and what its child processes need of them.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from backfill.cli.metrics import metrics_option, metrics_served
 from backfill.cli.observe import observe_options, observed, passed_on
@@ -18,12 +20,6 @@ from backfill.runner import Runner
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def output_options(function: F) -> F:
-    """`--events`, `--log-format`, `--log-file` and `--metrics-port`, passed as `events`,
-    `log_format`, `log_file` and `metrics_port`."""
-    return events_option(observe_options(metrics_option(function)))
-
-
 @dataclass(frozen=True)
 class Asked:
     """The output options as given to the command."""
@@ -32,6 +28,32 @@ class Asked:
     log_format: str | None = None
     log_file: str | None = None
     metrics_port: int | None = None
+
+    def arguments(self) -> list[str]:
+        """As options of a `backfill` process that runs in this one's stead (a detached run):
+        the same events file, logs and metrics port."""
+        given = [] if self.events is None else ["--events", os.path.abspath(self.events)]
+        given += passed_on(self.log_format, self.log_file)
+        if self.metrics_port is not None:
+            given += ["--metrics-port", str(self.metrics_port)]
+        return given
+
+
+def output_options(function: F) -> F:
+    """`--events`, `--log-format`, `--log-file` and `--metrics-port`, passed to the command as
+    one `asked: Asked`."""
+
+    @functools.wraps(function)
+    def command(*args: Any, **options: Any) -> Any:
+        asked = Asked(
+            options.pop("events"),
+            options.pop("log_format"),
+            options.pop("log_file"),
+            options.pop("metrics_port"),
+        )
+        return function(*args, asked=asked, **options)
+
+    return events_option(observe_options(metrics_option(cast(F, command))))
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,7 @@ def revert_command(
     name: str,
     batch_size: int | None,
     yes: bool,
-    events: str | None,
-    log_format: str | None,
-    log_file: str | None,
-    metrics_port: int | None,
+    asked: Asked,
 ) -> int:
     """Put back, newest first, what the migration's runs with --undo changed."""
     g = current()
@@ -39,7 +36,6 @@ def revert_command(
         yes,
         "revert needs confirmation: pass --yes or run from a terminal",
     )
-    asked = Asked(events, log_format, log_file, metrics_port)
     with outputs(runner, [name], asked) as out:
         with render.RunProgress() as progress:
             shown = [] if g.json else [progress]

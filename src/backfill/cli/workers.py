@@ -349,17 +349,13 @@ def worker_command(
     force: bool,
     yes: bool,
     quiet: bool,
-    events: str | None,
-    log_format: str | None,
-    log_file: str | None,
-    metrics_port: int | None,
+    asked: Asked,
 ) -> int:
     """Work the named migrations' runs from any machine: start, resume or join each one."""
     g = current()
     for name in names:
         g.runner().migrations[name]  # unknown names are refused before anything runs
     confirm_production(g, names, yes)
-    asked = Asked(events, log_format, log_file, metrics_port)
     with outputs(g.runner(), names, asked) as out:
         return work(
             g,

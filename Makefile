@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint bench setup
+.PHONY: demo test lint bench setup screenshots
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/sqlite_bench.py
+
+# The README's pictures, in Debian's chromium (apt-get install chromium), from the demo mid-run.
+screenshots: setup
+	$(BIN)/python scripts/screenshots.py

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from backfill.dashboard.background import Background
 from backfill.errors import ConfigError, LeaseHeld
 from backfill.history import Invocation, Origin
 from support import cli_env, counting_url, rows
+from support.serving import serve_dashboard, web_libraries_imported
 
 with warnings.catch_warnings():  # Starlette 1.x would rather test with httpx2; httpx is ours
     warnings.simplefilter("ignore")
@@ -356,7 +356,7 @@ def test_a_child_is_told_its_origin_and_the_url_through_its_environment(url: str
     assert url not in " ".join(command) and command[-1] == "--yes"
     assert origin_from_env(Origin.CLI, {}) is Origin.CLI
     assert origin_from_env(Origin.CLI, {ORIGIN_ENV: "api"}) is Origin.API
-    with pytest.raises(ConfigError, match="must be api or dashboard"):
+    with pytest.raises(ConfigError, match="must be cli, api or dashboard"):
         origin_from_env(Origin.CLI, {ORIGIN_ENV: "worker"})
 
 
@@ -492,35 +492,10 @@ def test_beyond_loopback_the_command_needs_a_token_from_the_environment(
 def test_the_command_serves_until_interrupted_and_backfill_imports_no_web_library(
     url: str, tmp_path: Path
 ) -> None:
-    probe = (
-        "import sys, backfill, backfill.cli, backfill.cli.dashboard, backfill.dashboard; "
-        "print([m for m in ('starlette', 'jinja2', 'uvicorn') if m in sys.modules])"
-    )
-    imported = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), check=True
-    )
-    assert imported.stdout.strip() == "[]"
-    serve = (
-        "from backfill.cli import cli, main; from backfill.cli.dashboard import dashboard_command; "
-        "cli.add_command(dashboard_command) if 'dashboard' not in cli.commands else None; main()"
-    )
-    env = cli_env(BACKFILL_APP=APP, BACKFILL_DATABASE_URL=url)
-    env.pop(TOKEN_ENV, None)
-    server = subprocess.Popen(
-        [sys.executable, "-c", serve, "dashboard", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        assert server.stdout is not None
-        said = [server.stdout.readline() for _ in range(3)]
-        address = said[0].split(" on ")[-1].strip()
-        assert address.startswith("http://127.0.0.1:") and address.endswith("/"), said
-        token = said[1].removeprefix("token: ").strip()
-        assert said[2].strip() == f"act from the page: open {address}?token={token}"
+    modules = ("backfill", "backfill.cli", "backfill.cli.dashboard", "backfill.dashboard")
+    assert web_libraries_imported(*modules) == []
+    with serve_dashboard(url, APP, cwd=tmp_path) as served:
+        address, token = served.url, served.token
         assert httpx.get(f"{address}api/status", timeout=10).json()[NAME]["state"] == "pending"
         with httpx.stream("GET", f"{address}events", timeout=10) as events:
             first = next(line for line in events.iter_lines() if line.startswith("data: "))
@@ -534,9 +509,25 @@ def test_the_command_serves_until_interrupted_and_backfill_imports_no_web_librar
             timeout=10,
         )
         assert dry.status_code == 200 and dry.json()["rows"] == 3
-        server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=15) == 0, server.stderr.read() if server.stderr else ""
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    assert served.process.returncode == 0  # interrupted (SIGINT): a clean end
+
+
+def test_a_migrations_page_shows_its_shards_and_its_latest_skipped_rows(
+    client: TestClient, runner: Runner
+) -> None:
+    with runner.db.engine.begin() as connection:
+        connection.execute(sa.text("UPDATE items SET source = 'bad:<b>x</b>' WHERE id = 7"))
+    before = client.get(f"/migrations/{NAME}").text
+    assert "<h2>Shards</h2>" not in before and "Skipped rows" not in before
+    runner.begin(NAME, 2)
+    assert runner.work(NAME, batch_size=5, on_error="skip").state is State.SUCCESS
+    planned = runner.status([NAME])[NAME].shards
+    assert planned  # (40 rows make one shard)
+    page = client.get(f"/migrations/{NAME}").text
+    shards = page.split("<h2>Shards</h2>")[1].split("</table>")[0]
+    assert shards.count("<tr data-shard=") == len(planned)
+    assert shards.count('<span class="state state-done">done</span>') == len(planned)
+    assert "<td>(null, null]</td>" in shards  # the whole table's range
+    skipped = page.split("Skipped rows (the latest 1)</h2>")[1].split("</table>")[0]
+    assert "<td>7</td><td>source</td>" in skipped and "BadValue" in skipped
+    assert "<b>" not in skipped  # the row's text is escaped where it is shown

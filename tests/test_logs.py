@@ -20,8 +20,8 @@ from backfill import Refused, Runner
 from backfill.cli import render
 from backfill.cli.observe import log_format_of, observed, passed_on
 from backfill.events import Event
-from backfill.logs import JsonFormatter, JsonLog, json_logs
-from support import counting_url
+from backfill.logs import JsonFormatter, JsonLog, json_logs, plain_warnings
+from support import cli_env, counting_url
 
 NAME = counting.NAME
 ROWS = 250
@@ -85,6 +85,51 @@ def test_a_failed_run_is_its_events_and_a_record_of_its_failure(url: str, tmp_pa
         "message": "migration 'derive' ended failed (exit code 1)",
         "migration": NAME,
     }
+
+
+def test_the_engine_logs_a_failed_run_with_no_listener_at_all(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Through the Python API, with nothing listening: the application's logging hears of it.
+    caplog.set_level(logging.INFO, logger="backfill")
+    runner = Runner(url, counting.migrations)
+    [result] = runner.run([NAME], batch_size=BATCH)
+    runner.db.dispose()
+    assert str(result.state) == "failed"
+    failure, ended = [r for r in caplog.records if r.name == "backfill.run"]
+    assert (failure.levelname, failure.__dict__["row_id"], failure.__dict__["field"]) == (
+        "ERROR", 150, "source",
+    )  # fmt: skip
+    assert failure.getMessage().startswith("migration 'derive' failed at row 150 (source)")
+    assert ended.getMessage() == "migration 'derive' ended failed (exit code 1)"
+
+
+def test_plain_warnings_are_bare_lines_on_stderr_until_json_takes_over(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    logger = logging.getLogger("backfill")
+    with plain_warnings():
+        logger.info("not shown: below a warning")
+        logger.warning("the database went away; retrying")
+        logging.getLogger("backfill.run").error("said by the command itself")
+        with json_logs(tmp_path / "run.jsonl"):
+            logger.warning("in the JSON file only")
+    logger.warning("after: not ours to print")
+    assert capsys.readouterr().err == "the database went away; retrying\n"
+    [record] = lines(tmp_path / "run.jsonl")
+    assert record["message"] == "in the JSON file only"
+
+
+def test_a_failed_run_in_text_says_so_once(url: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "backfill", "--app", "apps.counting:migrations",
+         "--database-url", url, "run", NAME, "--batch-size", str(BATCH)],
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    said = "backfill: migration 'derive' failed on row 150, field 'source': is marked bad\n"
+    assert done.stderr.endswith(said)
+    assert "failed at row 150" not in done.stderr  # the record's words: not printed too
 
 
 def test_a_listener_that_raises_is_a_record_with_its_traceback(url: str, tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """backfill: online, batched, resumable data migrations over a live database."""
 
+import logging
+
 from backfill.backups import RestoreResult
 from backfill.decision import OnError, Sample
 from backfill.definition import (
@@ -41,11 +43,16 @@ from backfill.store.database import Limits
 from backfill.store.values import MalformedJSON
 from backfill.types import Identity
 from backfill.verification import Verification
+from backfill.views import BadRequest, NotFound, Page, View, ViewRequest
 from backfill.worker import StepResult, WorkResult
+
+# A library's records go where the application sends them: nowhere of ours by default.
+logging.getLogger("backfill").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackfillError",
     "BackupInfo",
+    "BadRequest",
     "BadValue",
     "BeingReverted",
     "ConfigError",
@@ -68,8 +75,10 @@ __all__ = [
     "Migration",
     "MigrationStatus",
     "Migrations",
+    "NotFound",
     "OnError",
     "Origin",
+    "Page",
     "Prerequisite",
     "Refused",
     "RestoreResult",
@@ -93,5 +102,7 @@ __all__ = [
     "UnknownMigration",
     "Verification",
     "Verified",
+    "View",
+    "ViewRequest",
     "WorkResult",
 ]

@@ -5,7 +5,8 @@ event object); the CLI's progress subscribes, `--events FILE` writes them as JSO
 (`JsonLines`), and metrics, logs, history and the dashboard build on the same stream. Shapes
 are the contract's ("Events"): every event has `event`, `time` and `migration`. A listener that
 raises is logged and the run goes on: a full disk under `--events` must not stop a migration.
-This module knows no database.
+A run that fails or ends short is also logged, as a record of the `backfill.run` logger, whoever
+listens. This module knows no database.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from typing import IO, Any, ClassVar
 from backfill.types import Key, row_id
 
 log = logging.getLogger("backfill")
+# Where a run's failure is logged as a record: under `backfill`, apart so that Sentry's logging
+# integration can leave it out (the Sentry listener reports it, with its tags).
+RUN_LOGGER = "backfill.run"
+# Exit codes of a run that ended without failing (canceled; refused, e.g. its lease taken over).
+_NOT_FAILED = (2, 3)
 
 
 def iso_precise(seconds: float) -> str:
@@ -130,9 +136,34 @@ class Emitter:
                 listener(event)
             except Exception:  # noqa: BLE001 - a listener's failure is not the run's
                 log.exception("backfill: an event listener failed on a %s event", event.event)
+        # After the listeners: a JSON log shows the event's line, then the record.
+        log_outcome(event)
 
     def __bool__(self) -> bool:
         return bool(self.listeners)
+
+
+def log_outcome(event: Event) -> None:
+    """A run's failure (its `error` event) as an ERROR record, and a run that ended short of
+    success (`run_finished` with a non-zero code) as an ERROR, or a WARNING when it did not
+    fail (canceled, refused), on the `backfill.run` logger."""
+    run_log = logging.getLogger(RUN_LOGGER)
+    if isinstance(event, RunError):
+        at = "" if event.row_id is None else f" at row {json.dumps(event.row_id, default=str)}"
+        on = "" if event.field is None else f" ({event.field})"
+        extra = {"migration": event.migration, "row_id": event.row_id, "field": event.field}
+        run_log.error(
+            "migration %r failed%s%s: %s: %s",
+            event.migration, at, on, event.type, event.message,
+            extra={**extra, "error_type": event.type},
+        )  # fmt: skip
+    elif isinstance(event, RunFinished) and event.exit_code != 0:
+        run_log.log(
+            logging.WARNING if event.exit_code in _NOT_FAILED else logging.ERROR,
+            "migration %r ended %s (exit code %d)",
+            event.migration, event.state or "in an unknown state", event.exit_code,
+            extra={"migration": event.migration},
+        )  # fmt: skip
 
 
 class JsonLines:

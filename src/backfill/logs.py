@@ -4,7 +4,7 @@ JSON lines, on stderr or appended to `--log-file`.
 Each line is one JSON object: an event exactly as `--events` writes it, or a log record
 (`"event": "log"`, with `level`, `logger`, `message`, and `migration`, `row_id`, `field` when the
 record carries them). A run's failure is both: its `error` (and `run_finished`) event line, then
-an ERROR record on `backfill.run`, so whatever reads the `backfill` logger hears of it.
+the ERROR record the engine logs on `backfill.run` (backfill.events.log_outcome).
 This module knows neither the CLI nor any database.
 """
 
@@ -18,17 +18,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from backfill.events import Event, RunError, RunFinished, iso_precise
+from backfill.events import RUN_LOGGER, Event, iso_precise
 
 LOGGER = "backfill"
-# Where a run's (or its command's) failure is logged as a record: under `backfill`, apart so that
-# Sentry's logging integration can leave it out (the Sentry listener reports it, with its tags).
-RUN_LOGGER = "backfill.run"
 
 # Attributes a record may carry (`extra={...}`) that its line shows.
 _EXTRAS = ("migration", "row_id", "field", "error_type")
-# Exit codes of a run that ended without failing (canceled; refused, e.g. its lease taken over).
-_NOT_FAILED = (2, 3)
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,18 +60,6 @@ class JsonLog:
 
     def __call__(self, event: Event) -> None:
         self.write(json.dumps(event.to_json(), default=str))
-        if isinstance(event, RunError):
-            _log_failure(event)
-        elif isinstance(event, RunFinished) and event.exit_code != 0:
-            level = logging.WARNING if event.exit_code in _NOT_FAILED else logging.ERROR
-            logging.getLogger(RUN_LOGGER).log(
-                level,
-                "migration %r ended %s (exit code %d)",
-                event.migration,
-                event.state or "in an unknown state",
-                event.exit_code,
-                extra={"migration": event.migration},
-            )
 
     def write(self, line: str) -> None:
         """One line, under the handler's lock so that it never splits a record (or is split)."""
@@ -88,23 +71,31 @@ class JsonLog:
             self.handler.release()
 
 
-def _log_failure(error: RunError) -> None:
-    at = "" if error.row_id is None else f" at row {json.dumps(error.row_id, default=str)}"
-    on = "" if error.field is None else f" ({error.field})"
-    logging.getLogger(RUN_LOGGER).error(
-        "migration %r failed%s%s: %s: %s",
-        error.migration,
-        at,
-        on,
-        error.type,
-        error.message,
-        extra={
-            "migration": error.migration,
-            "row_id": error.row_id,
-            "field": error.field,
-            "error_type": error.type,
-        },
-    )
+class _NotRunOutcomes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != RUN_LOGGER
+
+
+# The handlers plain_warnings installed: silent while json_logs writes to stderr.
+_plain: list[logging.Handler] = []
+
+
+@contextmanager
+def plain_warnings() -> Iterator[None]:
+    """While inside (a command of the CLI): the `backfill` logger's warnings and errors as bare
+    lines on stderr, as Python's last resort prints them, but for `backfill.run`'s (the command
+    says itself how its runs ended); silent while `json_logs` writes."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_NotRunOutcomes())
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    _plain.append(handler)
+    try:
+        yield
+    finally:
+        _plain.remove(handler)
+        logger.removeHandler(handler)
 
 
 @contextmanager
@@ -125,7 +116,10 @@ def json_logs(path: str | Path | None = None) -> Iterator[JsonLog]:
             logger.setLevel(logging.INFO)
         logger.addHandler(writer.handler)
         stack.callback(logger.removeHandler, writer.handler)
+        for plain in _plain:  # one format on stderr at a time
+            stack.callback(plain.setLevel, plain.level)
+            plain.setLevel(logging.CRITICAL + 1)
         yield writer
 
 
-__all__ = ["LOGGER", "RUN_LOGGER", "JsonFormatter", "JsonLog", "json_logs"]
+__all__ = ["LOGGER", "RUN_LOGGER", "JsonFormatter", "JsonLog", "json_logs", "plain_warnings"]

@@ -23,6 +23,7 @@ from backfill.definition import (
     SqlChanges,
 )
 from backfill.errors import UnknownMigration
+from backfill.views import View, checked
 
 
 def _takes_context(function: Callable[..., Any]) -> bool:
@@ -52,6 +53,8 @@ class Migrations:
     """The registry of an application's migrations, in definition order."""
 
     _by_name: dict[str, Migration] = field(default_factory=dict)
+    # Pages of the application's own data that the dashboard serves (backfill.views).
+    views: list[View] = field(default_factory=list)
 
     def migration(
         self,
@@ -179,6 +182,13 @@ class Migrations:
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def add_view(self, view: View) -> View:
+        """Have `backfill dashboard` serve `view` (backfill.views) under /views/{view.name}/."""
+        if any(known.name == view.name for known in self.views):
+            raise ValueError(f"view {view.name!r} is added twice")
+        self.views.append(checked(view))
+        return view
 
     def requiring(self, name: str) -> list[str]:
         """The migrations whose prerequisite is `name`."""

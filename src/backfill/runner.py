@@ -116,10 +116,15 @@ class Runner(PlanVerbs):
     def _requires(self, name: str) -> Prerequisite | None:
         return self.migrations[name].requires
 
-    def skipped_rows(self, name: str, limit: int = SAMPLE_IDS) -> list[dict[str, Any]]:
+    def skipped_rows(
+        self, name: str, limit: int = SAMPLE_IDS, *, newest: bool = False
+    ) -> list[dict[str, Any]]:
+        """Rows skipped under --on-error skip: the first `limit` (or the `newest`)."""
         self.migrations[name]
         with self.db.unavailable_as_error(), self.db.read() as conn:
-            return skipped.rows(conn, name, limit) if records.tables_exist(conn) else []
+            if not records.tables_exist(conn):
+                return []
+            return skipped.rows(conn, name, limit, newest=newest)
 
     # -- control ------------------------------------------------------------------------------
 

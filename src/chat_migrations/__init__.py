@@ -8,9 +8,11 @@ from chat_migrations.migrations import (
 )
 from chat_migrations.parts import InvalidMessage, derive_parts, message_parts
 from chat_migrations.schema import messages, metadata
+from chat_migrations.viewer import MessageViewer
 
 __all__ = [
     "InvalidMessage",
+    "MessageViewer",
     "body_to_parts",
     "cleanup_legacy_fields",
     "count_legacy_messages",

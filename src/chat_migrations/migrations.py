@@ -11,11 +11,14 @@ import sqlalchemy as sa
 from backfill import DELETE, BadValue, Keep, Migrations, Prerequisite, Row, Runner, SqlChange
 from chat_migrations.parts import derive_parts
 from chat_migrations.schema import messages
+from chat_migrations.viewer import MessageViewer
 
 CLEANUP_WAIT = timedelta(days=7)
 _LEGACY = ("body", "thinking_content", "parts")
 
 migrations = Migrations()
+# The dashboard's pages of the messages themselves (`backfill dashboard`, under /views/messages/).
+migrations.add_view(MessageViewer())
 
 
 def _derived_parts(

@@ -83,6 +83,10 @@ def test_rows_for_success_failure_cancel_and_a_killed_run(h):
         assert row["arguments"][0] in ("run", "cancel", "reset")
     assert history(h, "--limit", "2") == rows[:2]
     assert h.query("SELECT count(*) FROM items WHERE counter <> 1")[0][0] == 0
+    # As a table: the cancel's row, which has no outcome, too.
+    table = h.cli("history", NAME)
+    assert table.returncode == 0, table.stderr
+    assert len([line for line in table.stdout.splitlines() if f" {NAME} " in line]) == len(rows)
 
 
 def test_a_run_going_on_has_no_outcome_yet_and_counts_so_far(h):

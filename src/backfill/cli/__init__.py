@@ -17,6 +17,7 @@ from backfill.cli.options import current, forget
 from backfill.cli.render import err
 from backfill.cli.revert import forget_undo_command, revert_command
 from backfill.errors import BackfillError
+from backfill.logs import plain_warnings
 from backfill.redaction import scrub
 
 __all__ = ["cli", "main"]
@@ -45,7 +46,8 @@ def _scrub(message: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     forget(sys.argv[1:] if argv is None else argv)
     try:
-        code = cli.main(args=argv, prog_name="backfill", standalone_mode=False)
+        with plain_warnings():
+            code = cli.main(args=argv, prog_name="backfill", standalone_mode=False)
     except click.exceptions.Abort:
         err.print("backfill: aborted")
         code = 2

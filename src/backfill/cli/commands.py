@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from backfill.cli import detach as detached
 from backfill.cli import render
+from backfill.cli.dashboard import port_option, serve_demo
 from backfill.cli.options import (
     Duration,
     ask_before_running,
@@ -330,16 +331,27 @@ def reset(name: str, yes: bool) -> None:
     help="How many legacy messages to create.",
 )
 @click.option("--seed-only", is_flag=True, help="Create the messages, do not migrate.")
+@click.option(
+    "--dashboard",
+    "in_browser",
+    is_flag=True,
+    help="Watch and steer it in the browser: serve the dashboard (its URL and token printed) "
+    "and run body_to_parts at a pace a person can follow.",
+)
+@port_option
 @click.option("--yes", is_flag=True, help="Replace an existing messages table without asking.")
 @output_options
 @global_options
 def demo(
     count_: int,
     seed_only: bool,
+    in_browser: bool,
+    port: int,
     yes: bool,
     asked: Asked,
 ) -> int:
-    """Create realistic legacy chat messages, then migrate them with a progress bar."""
+    """Create realistic legacy chat messages, then migrate them with a progress bar (or, with
+    --dashboard, in the browser)."""
     from chat_migrations import migrations
     from chat_migrations.generator import seed_messages
 
@@ -365,6 +377,9 @@ def demo(
             runner.reset(name)  # progress recorded against the old table means nothing now
     render.err.print(f"Created {count_:,} legacy messages in {runner.db.display_url}")
     if seed_only:
+        return 0
+    if in_browser:
+        serve_demo(port, asked.log_format, asked.log_file, migrations, "body_to_parts")
         return 0
     with outputs(runner, ["body_to_parts"], asked) as out:
         started = time.monotonic()

@@ -126,6 +126,7 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
         table.add_column(header)
     for entry in entries:
         outcome = "running" if entry.outcome is State.IN_PROGRESS else str(entry.outcome or "—")
+        style = _STATE_STYLE.get(str(entry.outcome), "")
         took = None if entry.finished_at is None else entry.finished_at - entry.started_at
         table.add_row(
             str(entry.id),
@@ -135,7 +136,7 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
             f"{entry.user or '?'}@{entry.host or '?'}",
             _when(entry.started_at),
             _duration(took),
-            f"[{_STATE_STYLE.get(str(entry.outcome), '')}]{outcome}[/]",
+            f"[{style}]{outcome}[/]" if style else outcome,
             "—" if entry.exit_code is None else str(entry.exit_code),
             _number(entry.processed),
             _number(entry.changed),

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from urllib.parse import parse_qsl
 
 import anyio
 import jinja2
+import markupsafe
+import prometheus_client
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -25,6 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from backfill import metrics
 from backfill.config import PRODUCTION
 from backfill.dashboard import display
 from backfill.dashboard.actions import (
@@ -42,11 +46,14 @@ from backfill.dashboard.guard import Guard, json_response, refused
 from backfill.errors import BackfillError, UnknownMigration
 from backfill.history import Origin
 from backfill.runner import Runner
+from backfill.types import iso
+from backfill.views import RESERVED, BadRequest, NotFound, View, ViewRequest
 
 HERE = Path(__file__).resolve().parent
 _FORM = "application/x-www-form-urlencoded"
 # An action's options are a few short fields: a larger body is refused unread.
 _MAX_BODY = 64 * 1024
+log = logging.getLogger("backfill")
 RunnerFactory = Callable[[Origin], Runner]
 
 
@@ -75,15 +82,28 @@ class Dashboard:
         events_interval: float,
         events_limit: int | None,
         history_limit: int,
+        views: Sequence[View],
+        notice: str | None,
     ) -> None:
         self._factory, self.access, self.actions = runner_factory, access, actions
+        self.views = {view.name: view for view in views}
+        self.notice = notice
         self._runners: dict[Origin, Runner] = {}
+        self._registry: prometheus_client.CollectorRegistry | None = None
         self._lock = threading.Lock()
         self.environment, self.database_display = environment, database_display
         self.events_interval, self.events_limit = events_interval, events_limit
         self.history_limit = history_limit
         environment_ = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            # A view's templates are "{its name}/{template}", and may extend "base.html".
+            loader=jinja2.ChoiceLoader(
+                [
+                    jinja2.FileSystemLoader(HERE / "templates"),
+                    jinja2.PrefixLoader(
+                        {view.name: jinja2.FileSystemLoader(view.templates) for view in views}
+                    ),
+                ]
+            ),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
@@ -122,6 +142,15 @@ class Dashboard:
         entries = await run_in_threadpool(self.runner().history, name, int(raw))
         return json_response({"runs": [entry.to_json() for entry in entries]})
 
+    async def metrics(self, request: Request) -> Response:
+        """What the database knows, in Prometheus' text format (as `backfill metrics`)."""
+        runner = self.runner()  # (it takes the lock too)
+        with self._lock:
+            if self._registry is None:
+                self._registry = metrics.database_registry(runner.status, runner.clock)
+        exposition = await run_in_threadpool(prometheus_client.generate_latest, self._registry)
+        return Response(exposition, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
     async def events(self, request: Request) -> Response:
         return StreamingResponse(
             self._stream(request),
@@ -148,7 +177,7 @@ class Dashboard:
 
     # -- pages ------------------------------------------------------------------------------
 
-    def _page(self, request: Request, template: str, **context: Any) -> Response:
+    def _page(self, request: Request, template: str, /, **context: Any) -> Response:
         # The forms carry the token only for a browser that was given it (the cookie).
         cookie = request.cookies.get(COOKIE)
         context.update(
@@ -157,6 +186,8 @@ class Dashboard:
             database=self.database_display,
             token=self.access.token if self.access.valid(cookie) else None,
             shown=display.shown,
+            views=[(view.name, view.title) for view in self.views.values()],
+            notice=self.notice,
         )
         return self.templates.TemplateResponse(request, template, context)
 
@@ -182,10 +213,39 @@ class Dashboard:
                 "definition": display.definition(found),
                 "source": display.source(found),
                 "report": self.status_json([name]),
+                "skipped": [
+                    {**row, "at": iso(row["at"])}
+                    for row in runner.skipped_rows(name, self.history_limit, newest=True)
+                ],
                 "history": [e.to_json() for e in runner.history(name, self.history_limit)],
             }
 
         return self._page(request, "migration.html", **await run_in_threadpool(read))
+
+    async def view(self, request: Request) -> Response:
+        """A page of an application's view (backfill.views), read in a worker thread."""
+        name, path = request.path_params["name"], request.path_params.get("path", "")
+        found = self.views.get(name)
+        if found is None:
+            known = ", ".join(self.views) or "none"
+            raise NotFound(f"no view {name!r} (this app's views: {known})")
+
+        def render(template: str, context: Mapping[str, Any]) -> str:
+            # Rendered with autoescape: markup the page may show as it is.
+            rendered = self.templates.env.get_template(f"{name}/{template}").render(**context)
+            return markupsafe.Markup(rendered)
+
+        asked = ViewRequest(path, dict(request.query_params), self.runner().db.engine, render)
+        page = await run_in_threadpool(found.page, asked)
+        taken = sorted(RESERVED & set(page.context))
+        if taken:  # the view's bug: said, not silently shadowed
+            raise TypeError(f"view {name!r} gives its page the dashboard's own names {taken}")
+        context = {
+            **page.context,
+            "title": page.title or found.title,
+            "view_root": f"/views/{name}/",
+        }
+        return self._page(request, f"{name}/{page.template}", **context)
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -208,6 +268,12 @@ class Dashboard:
         origin = Origin.DASHBOARD if from_form else Origin.API
         runner = self.runner(origin)
         answer = await run_in_threadpool(self.actions.act, runner, name, action, chosen, origin)
+        log.log(
+            logging.INFO if answer.code < 400 else logging.WARNING,
+            "dashboard: %s of %s asked from the %s: %d %s",
+            action, name, origin.value, answer.code, answer.sentence,
+            extra={"migration": name},
+        )  # fmt: skip
         return self._answer(request, name, answer, from_form)
 
     def _refusal(
@@ -250,13 +316,16 @@ def create_app(
     events_interval: float = 1.0,
     events_limit: int | None = None,
     history_limit: int = 20,
+    views: Sequence[View] = (),
+    notice: str | None = None,
 ) -> Starlette:
     """The dashboard over the runners `runner_factory(origin)` makes (each once; their
     histories record that origin). `token` authorizes actions, and reads too when
     `require_token_for_reads` (bound beyond loopback). `database_display` is shown as is:
     give it redacted. `background` starts the detached runs and reverts (None: refused).
     `hosts`: the Host names answered (loopback's; empty: any). `events_limit` ends the event
-    stream after that many events (tests)."""
+    stream after that many events (tests). `views`: the application's pages (backfill.views),
+    under /views/{name}/. `notice`: a sentence at the top of every page (the demo's pace)."""
     access = Access(token, require_token_for_reads, frozenset(h.lower() for h in hosts))
     actions = Actions(background, production=environment == PRODUCTION)
     dashboard = Dashboard(
@@ -268,6 +337,8 @@ def create_app(
         events_interval=events_interval,
         events_limit=events_limit,
         history_limit=history_limit,
+        views=views,
+        notice=notice,
     )
 
     @asynccontextmanager
@@ -278,8 +349,10 @@ def create_app(
             dashboard.close()
 
     async def failed(request: Request, error: Exception) -> Response:
-        if isinstance(error, UnknownMigration):
+        if isinstance(error, UnknownMigration | NotFound):
             return refused(request, 404, str(error))
+        if isinstance(error, BadRequest):
+            return refused(request, 400, str(error))
         assert isinstance(error, BackfillError)
         answer = answer_error(error)
         return refused(request, answer.code, answer.sentence)
@@ -290,6 +363,8 @@ def create_app(
         Route("/api/status", dashboard.api_status),
         Route("/api/history", dashboard.api_history),
         Route("/events", dashboard.events),
+        Route("/metrics", dashboard.metrics),
+        Route("/views/{name}/{path:path}", dashboard.view),
         Route("/api/migrations/{name}/{action}", dashboard.act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -46,12 +46,16 @@ class Started:
 @dataclass(frozen=True)
 class Background:
     """How this dashboard starts children: over `database_url` with `app`, in `environment`;
-    `env` is added to their environment (tests make their apps importable with it)."""
+    `env` is added to their environment (tests make their apps importable with it); `passed`
+    to their options (the dashboard's `--log-format json`, `--log-file`); `run_options` to a
+    run's, before those the page gives (which win: the demo's pace)."""
 
     database_url: str
     app: str
     environment: str
     env: Mapping[str, str] = field(default_factory=dict)
+    passed: Sequence[str] = ()
+    run_options: Sequence[str] = ()
     logs: Path = Path("backfill-logs")
     claim_timeout: float = 30.0
     poll_seconds: float = 0.1
@@ -60,7 +64,9 @@ class Background:
         """`backfill VERB NAME ARGUMENTS --yes`: the questions were answered by the token."""
         if verb not in VERBS:
             raise ValueError(f"the dashboard starts run or revert, not {verb!r}")
-        return [sys.executable, "-m", "backfill", verb, name, *arguments, "--yes"]
+        defaults = self.run_options if verb == "run" else ()
+        given = [*defaults, *arguments, *self.passed]
+        return [sys.executable, "-m", "backfill", verb, name, *given, "--yes"]
 
     def environment_of(self, origin: Origin) -> dict[str, str]:
         env = {**os.environ, **self.env}

@@ -23,7 +23,8 @@ _SECURITY_HEADERS = {
     ),
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: under it a browser sends `Origin: null` with the page's own forms.
+    "referrer-policy": "same-origin",
 }
 
 

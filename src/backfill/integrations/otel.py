@@ -5,7 +5,8 @@ Configured as OpenTelemetry always is, by the standard `OTEL_*` variables: `OTEL
 and `OTEL_RESOURCE_ATTRIBUTES` name the service (backfill unless they do), `OTEL_TRACES_SAMPLER`
 samples, `OTEL_TRACES_EXPORTER` (default `otlp`; `console`, `none`) picks the exporters installed
 under the SDK's `opentelemetry_traces_exporter` entry points, which read their own variables
-(`OTEL_EXPORTER_OTLP_ENDPOINT`, ...); `otlp` needs `opentelemetry-exporter-otlp`.
+(`OTEL_EXPORTER_OTLP_ENDPOINT`, ...); the extra brings OTLP over HTTP (`otlp` with
+`OTEL_EXPORTER_OTLP_PROTOCOL=grpc` needs `opentelemetry-exporter-otlp-proto-grpc`).
 `OTEL_SDK_DISABLED=true` turns it off. An app that set up its own tracer provider keeps it.
 Only this module imports OpenTelemetry (`pip install 'backfill[otel]'`), and only when called:
 importing backfill never imports it.
@@ -108,19 +109,36 @@ def enable_from_environment(environ: Mapping[str, str] = os.environ) -> BatchSpa
     return otel_listener(provider)
 
 
+def _otlp(name: str, environ: Mapping[str, str], installed: Mapping[str, Any]) -> str:
+    """`otlp` as the SDK reads it: the exporter of `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`
+    (grpc, or http/protobuf); with none given, the one installed (the extra's is HTTP)."""
+    if name != "otlp" or name in installed:
+        return name
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or ""
+    ).strip()
+    if protocol == "grpc":
+        return "otlp_proto_grpc"
+    if protocol.startswith("http") or "otlp_proto_http" in installed:
+        return "otlp_proto_http"
+    return "otlp_proto_grpc"
+
+
 def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     """The exporters `OTEL_TRACES_EXPORTER` names, as the SDK finds them; one not installed is
     logged and left out."""
     names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
     installed = {e.name: e for e in entry_points(group=_EXPORTERS)}
     exporters = []
-    for name in names:
+    for name in (_otlp(n, environ, installed) for n in names):
         if name in ("", "none"):
             continue
         if name not in installed:
             log.warning(
-                "OTEL_TRACES_EXPORTER names %r, which is not installed (for otlp: pip install "
-                "opentelemetry-exporter-otlp): its spans are dropped",
+                "OTEL_TRACES_EXPORTER names %r, which is not installed (for OTLP over gRPC: "
+                "pip install opentelemetry-exporter-otlp-proto-grpc): its spans are dropped",
                 name,
             )
             continue

@@ -44,11 +44,14 @@ def forget(conn: sa.Connection, name: str) -> None:
     conn.execute(sa.delete(migration_errors).where(migration_errors.c.migration == name))
 
 
-def rows(conn: sa.Connection, name: str, limit: int = 20) -> list[dict[str, Any]]:
+def rows(
+    conn: sa.Connection, name: str, limit: int = 20, *, newest: bool = False
+) -> list[dict[str, Any]]:
+    order = migration_errors.c.id.desc() if newest else migration_errors.c.id
     rows = conn.execute(
         sa.select(migration_errors)
         .where(migration_errors.c.migration == name)
-        .order_by(migration_errors.c.id)
+        .order_by(order)
         .limit(limit)
     ).mappings()
     return [

@@ -6,6 +6,9 @@ and checked; the demo's page, pace, message viewer, and its run canceled when it
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +22,8 @@ from apps.counting import NAME, ROW_DELAY_ENV
 from backfill import Runner
 from backfill.cli.dashboard import DEMO_APP
 from chat_migrations import migrations
-from support import counting_url
+from chat_migrations.generator import seed_messages
+from support import cli_env, counting_url
 from support.serving import serve_dashboard
 
 ROWS = 120
@@ -115,3 +119,23 @@ def test_demo_in_the_browser_runs_at_its_pace_shows_messages_and_cancels_at_the_
         legacy = connection.execute(sa.text("SELECT count(*) FROM messages WHERE parts IS NULL"))
         assert legacy.scalar_one() == 0
     runner.db.dispose()
+
+
+def test_the_demo_refuses_a_port_in_use_before_it_replaces_any_message(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    engine = sa.create_engine(url)
+    seed_messages(engine, 40)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "backfill", "--database-url", url, "demo", "--dashboard",
+             "--port", str(port), "--messages", "10", "--yes"],
+            capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"backfill: cannot listen on 127.0.0.1:{port}: "), done.stderr
+    with engine.connect() as connection:  # the messages as they were
+        assert connection.execute(sa.text("SELECT count(*) FROM messages")).scalar_one() > 10
+    engine.dispose()

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from backfill.cli import detach as detached
 from backfill.cli import render
-from backfill.cli.dashboard import port_option, serve_demo
+from backfill.cli.dashboard import demo_socket, port_option, serve_demo
 from backfill.cli.options import (
     Duration,
     ask_before_running,
@@ -358,6 +358,7 @@ def demo(
     g = current()
     if g.settings.is_production:
         raise Refused("demo refuses the prod environment")
+    sock = demo_socket(port) if in_browser and not seed_only else None
     runner = g.runner(migrations)
     engine = runner.db.engine
     with runner.db.unavailable_as_error():
@@ -378,8 +379,8 @@ def demo(
     render.err.print(f"Created {count_:,} legacy messages in {runner.db.display_url}")
     if seed_only:
         return 0
-    if in_browser:
-        serve_demo(port, asked.log_format, asked.log_file, migrations, "body_to_parts")
+    if sock is not None:
+        serve_demo(sock, asked.log_format, asked.log_file, migrations, "body_to_parts")
         return 0
     with outputs(runner, ["body_to_parts"], asked) as out:
         started = time.monotonic()

@@ -75,6 +75,7 @@ class Served:
     notice: str | None = None  # said at the top of every page
     run_options: tuple[str, ...] = ()  # given to every run it starts, before the page's
     started: Callable[[Background, Runner], None] | None = None  # once it is ready to serve
+    sock: socket.socket | None = None  # listening already (None: bound by `serve`)
 
 
 @click.command(name="dashboard")
@@ -90,13 +91,17 @@ def dashboard_command(host: str, port: int, log_format: str | None, log_file: st
     serve(host, port, log_format, log_file, Served())
 
 
-def serve(host: str, port: int, log_format: str | None, log_file: str | None, what: Served) -> None:
-    """Serve the dashboard of `what` on `host`:`port` until interrupted."""
+def require_extra() -> None:
     missing = missing_extra()
     if missing:
         raise ConfigError(
             f"the dashboard needs {', '.join(missing)}: pip install 'backfill[dashboard]'"
         )
+
+
+def serve(host: str, port: int, log_format: str | None, log_file: str | None, what: Served) -> None:
+    """Serve the dashboard of `what` on `host`:`port` (or on `what.sock`) until interrupted."""
+    require_extra()
     from backfill.dashboard.auth import LOOPBACK_NAMES, is_loopback
 
     loopback = is_loopback(host)
@@ -141,7 +146,7 @@ def serve(host: str, port: int, log_format: str | None, log_file: str | None, wh
         views=migrations.views,
         notice=what.notice,
     )
-    sock = bind(host, port)
+    sock = bind(host, port) if what.sock is None else what.sock
     url = address(sock)
     with sock, observed(log_format, log_file), _interrupt_ends_it():
         if what.started is not None:
@@ -166,8 +171,19 @@ DEMO_PACE = ("--batch-size", "250", "--pause", "0.25")
 DEMO_APP = "chat_migrations:migrations"
 
 
+def demo_socket(port: int) -> socket.socket:
+    """Where the demo will serve, taken before it seeds anything: a port in use, or the extra
+    missing, is one sentence before the messages are replaced."""
+    require_extra()
+    return bind("127.0.0.1", port)
+
+
 def serve_demo(
-    port: int, log_format: str | None, log_file: str | None, migrations: Migrations, name: str
+    sock: socket.socket,
+    log_format: str | None,
+    log_file: str | None,
+    migrations: Migrations,
+    name: str,
 ) -> None:
     """The demo in the browser: the dashboard over the demo's messages, migration `name`
     started at the demo's pace (and each run the page starts), canceled when the demo ends."""
@@ -188,9 +204,9 @@ def serve_demo(
         f"{DEMO_PACE[3]} s between batches). Cancel and resume it here; read the "
         "conversations under Messages."
     )
-    served = Served(migrations, DEMO_APP, notice, DEMO_PACE, started)
+    served = Served(migrations, DEMO_APP, notice, DEMO_PACE, started, sock)
     try:
-        serve("127.0.0.1", port, log_format, log_file, served)
+        serve("127.0.0.1", 0, log_format, log_file, served)
     finally:
         if current().runner(migrations).cancel(name):  # a demo leaves nothing running
             render.out.print(f"{name}: canceled; `backfill run {name}` resumes it")

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,14 @@ from backfill import Migrations, MigrationStatus, Runner, State
 from backfill.cli import cli, main
 from backfill.cli.dashboard import TOKEN_ENV, dashboard_command
 from backfill.dashboard import ORIGIN_ENV, display, origin_from_env
-from backfill.dashboard.app import HERE, create_app
+from backfill.dashboard.app import HERE
 from backfill.dashboard.auth import COOKIE
 from backfill.dashboard.background import Background
 from backfill.errors import ConfigError, LeaseHeld
-from backfill.history import Invocation, Origin
+from backfill.history import Origin
 from support import cli_env, counting_url, rows
+from support.clients import TestClient, dashboard_clients
 from support.serving import serve_dashboard, web_libraries_imported
-
-with warnings.catch_warnings():  # Starlette 1.x would rather test with httpx2; httpx is ours
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
 
 ROWS = 40
 TOKEN = "a-token-for-tests"
@@ -73,29 +69,21 @@ def runner(url: str) -> Iterator[Runner]:
 def make(url: str, tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
     """A TestClient of a dashboard over `url` (loopback's: reads open), `create_app`'s keyword
     arguments overridden by the call's; closed at the end of the test."""
-    clients: list[TestClient] = []
+    background = Background(url, APP, "dev", env=cli_env(), logs=tmp_path / "logs")
+    with dashboard_clients(
+        url,
+        counting.migrations,
+        token=TOKEN,
+        environment="staging",
+        database_display=SHOWN_URL,
+        require_token_for_reads=False,
+        background=background,
+    ) as make_client:
 
-    def client(registry: Migrations = counting.migrations, **overrides: Any) -> TestClient:
-        def runner_for(origin: Origin) -> Runner:
-            return Runner(url, registry, invocation=Invocation(origin=origin))
+        def client(registry: Migrations = counting.migrations, **overrides: Any) -> TestClient:
+            return make_client(registry=registry, **overrides)
 
-        arguments: dict[str, Any] = {
-            "token": TOKEN,
-            "environment": "staging",
-            "database_display": SHOWN_URL,
-            "require_token_for_reads": False,
-            "background": Background(url, APP, "dev", env=cli_env(), logs=tmp_path / "logs"),
-        }
-        arguments.update(overrides)
-        base_url = arguments.pop("base_url", "http://testserver")
-        found = TestClient(create_app(runner_for, **arguments), base_url=base_url)
-        found.__enter__()
-        clients.append(found)
-        return found
-
-    yield client
-    for found in clients:
-        found.__exit__(None, None, None)
+        yield client
 
 
 @pytest.fixture

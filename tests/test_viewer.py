@@ -7,9 +7,9 @@ splitting of text into paragraphs and code blocks."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import random
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,17 +20,12 @@ import pytest
 import sqlalchemy as sa
 
 from backfill import Runner, State
-from backfill.dashboard.app import create_app
-from backfill.history import Invocation, Origin
 from backfill.views import View
 from chat_migrations import MessageViewer, migrations, viewer
 from chat_migrations.generator import create_messages_table, generate_messages, seed_messages
 from chat_migrations.schema import messages
 from chat_migrations.viewer import Block, blocks
-
-with warnings.catch_warnings():  # Starlette 1.x would rather test with httpx2; httpx is ours
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from support.clients import TestClient, dashboard_clients
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
 THINKING = "The user wants <em>code</em>; keep it short."
@@ -45,28 +40,22 @@ Client = Callable[..., TestClient]
 def client_for() -> Iterator[Client]:
     """`client_for(url)`: a TestClient of a dashboard over `url` with the chat app's views (or
     `views`), reads open as on loopback; closed at the end of the test."""
-    clients: list[TestClient] = []
+    with contextlib.ExitStack() as stack:
 
-    def make(url: str, views: Sequence[View] = migrations.views) -> TestClient:
-        def runner_for(origin: Origin) -> Runner:
-            return Runner(url, migrations, invocation=Invocation(origin=origin))
+        def make(url: str, views: Sequence[View] = migrations.views) -> TestClient:
+            make_client = stack.enter_context(
+                dashboard_clients(
+                    url,
+                    migrations,
+                    token="a-token-for-tests",
+                    environment="dev",
+                    database_display="chat",
+                    require_token_for_reads=False,
+                )
+            )
+            return make_client(views=views)
 
-        app = create_app(
-            runner_for,
-            token="a-token-for-tests",
-            environment="dev",
-            database_display="chat",
-            require_token_for_reads=False,
-            views=views,
-        )
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+        yield make
 
 
 def message(id: int, conversation_id: int = 1, **fields: Any) -> dict[str, Any]:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,10 @@ import sqlalchemy as sa
 
 from apps import toy_view
 from apps.toy_view import TEMPLATES, NotesView, notes
-from backfill import Migrations, Runner
-from backfill.dashboard.app import create_app
-from backfill.history import Invocation, Origin
+from backfill import Migrations
 from backfill.views import RESERVED, View
+from support.clients import TestClient, dashboard_clients
 from support.serving import web_libraries_imported
-
-with warnings.catch_warnings():  # Starlette 1.x would rather test with httpx2; httpx is ours
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
 
 TOKEN = "a-token-for-tests"
 SHOWN = "sqlite:///notes-for-tests.db"  # what the header shows as the database
@@ -66,31 +60,19 @@ def url(tmp_path: Path) -> str:
 def make(url: str) -> Iterator[Make]:
     """`make(views=[...], **create_app's keywords)`: a TestClient of a dashboard over `url` with
     the toy registry (reads open, as on loopback, unless overridden); closed after the test."""
-    clients: list[TestClient] = []
+    with dashboard_clients(
+        url,
+        toy_view.migrations,
+        token=TOKEN,
+        environment="staging",
+        database_display=SHOWN,
+        require_token_for_reads=False,
+    ) as make_client:
 
-    def client(views: Sequence[View] = (), **overrides: Any) -> TestClient:
-        def runner_for(origin: Origin) -> Runner:
-            return Runner(url, toy_view.migrations, invocation=Invocation(origin=origin))
+        def client(views: Sequence[View] = (), **overrides: Any) -> TestClient:
+            return make_client(views=views, **overrides)
 
-        arguments: dict[str, Any] = {
-            "token": TOKEN,
-            "environment": "staging",
-            "database_display": SHOWN,
-            "require_token_for_reads": False,
-            "views": views,
-        }
-        arguments.update(overrides)
-        raise_server_exceptions = arguments.pop("raise_server_exceptions", True)
-        found = TestClient(
-            create_app(runner_for, **arguments), raise_server_exceptions=raise_server_exceptions
-        )
-        found.__enter__()
-        clients.append(found)
-        return found
-
-    yield client
-    for found in clients:
-        found.__exit__(None, None, None)
+        yield client
 
 
 def named(name: str = "notes", templates: Path = TEMPLATES) -> NotesView:
